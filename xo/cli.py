@@ -1,0 +1,63 @@
+"""The `xo` command: one subcommand per module, imported only when chosen.
+
+Each subcommand module exposes `configure(parser)` (add its arguments) and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Keep the public names of ARCHITECTURE.md stable.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("xo.demo", "run the live migration demo in a lab of network namespaces"),
+}
+
+EPILOG = """examples:
+  xo demo                     live migration of a TCP connection, with a summary
+  xo <command> --help         usage and examples of one command
+"""
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """Build the parser; only the selected command's module is imported (BCC is slow)."""
+    parser = argparse.ArgumentParser(
+        prog="xo",
+        description="Offload live TCP (and kernel TLS) connections between hosts.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name != selected:
+            sub.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.configure(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(selected if selected in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
