@@ -1,0 +1,121 @@
+from xo.v1 import offload_pb2 as _offload_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Hello(_message.Message):
+    __slots__ = ("app", "accept_connections")
+    APP_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    app: str
+    accept_connections: bool
+    def __init__(self, app: _Optional[str] = ..., accept_connections: _Optional[bool] = ...) -> None: ...
+
+class HelloReply(_message.Message):
+    __slots__ = ("ok", "detail", "agent", "ktls")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    KTLS_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    detail: str
+    agent: str
+    ktls: bool
+    def __init__(self, ok: _Optional[bool] = ..., detail: _Optional[str] = ..., agent: _Optional[str] = ..., ktls: _Optional[bool] = ...) -> None: ...
+
+class OffloadRequest(_message.Message):
+    __slots__ = ("request_id", "target", "preread", "app_state", "app")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    PREREAD_FIELD_NUMBER: _ClassVar[int]
+    APP_STATE_FIELD_NUMBER: _ClassVar[int]
+    APP_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    target: str
+    preread: bytes
+    app_state: bytes
+    app: str
+    def __init__(self, request_id: _Optional[int] = ..., target: _Optional[str] = ..., preread: _Optional[bytes] = ..., app_state: _Optional[bytes] = ..., app: _Optional[str] = ...) -> None: ...
+
+class OffloadResult(_message.Message):
+    __slots__ = ("request_id", "accepted", "handoff_id", "reason", "detail")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    accepted: bool
+    handoff_id: str
+    reason: _offload_pb2.Reason
+    detail: str
+    def __init__(self, request_id: _Optional[int] = ..., accepted: _Optional[bool] = ..., handoff_id: _Optional[str] = ..., reason: _Optional[_Union[_offload_pb2.Reason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class HandedIn(_message.Message):
+    __slots__ = ("handoff_id", "flow", "preread", "app_state")
+    HANDOFF_ID_FIELD_NUMBER: _ClassVar[int]
+    FLOW_FIELD_NUMBER: _ClassVar[int]
+    PREREAD_FIELD_NUMBER: _ClassVar[int]
+    APP_STATE_FIELD_NUMBER: _ClassVar[int]
+    handoff_id: str
+    flow: _offload_pb2.Flow
+    preread: bytes
+    app_state: bytes
+    def __init__(self, handoff_id: _Optional[str] = ..., flow: _Optional[_Union[_offload_pb2.Flow, _Mapping]] = ..., preread: _Optional[bytes] = ..., app_state: _Optional[bytes] = ...) -> None: ...
+
+class GiveBack(_message.Message):
+    __slots__ = ("handoff_id", "preread", "app_state")
+    HANDOFF_ID_FIELD_NUMBER: _ClassVar[int]
+    PREREAD_FIELD_NUMBER: _ClassVar[int]
+    APP_STATE_FIELD_NUMBER: _ClassVar[int]
+    handoff_id: str
+    preread: bytes
+    app_state: bytes
+    def __init__(self, handoff_id: _Optional[str] = ..., preread: _Optional[bytes] = ..., app_state: _Optional[bytes] = ...) -> None: ...
+
+class GiveBackResult(_message.Message):
+    __slots__ = ("handoff_id", "ok", "detail")
+    HANDOFF_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    handoff_id: str
+    ok: bool
+    detail: str
+    def __init__(self, handoff_id: _Optional[str] = ..., ok: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class Returned(_message.Message):
+    __slots__ = ("handoff_id", "flow", "reason", "preread", "app_state")
+    HANDOFF_ID_FIELD_NUMBER: _ClassVar[int]
+    FLOW_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PREREAD_FIELD_NUMBER: _ClassVar[int]
+    APP_STATE_FIELD_NUMBER: _ClassVar[int]
+    handoff_id: str
+    flow: _offload_pb2.Flow
+    reason: _offload_pb2.Reason
+    preread: bytes
+    app_state: bytes
+    def __init__(self, handoff_id: _Optional[str] = ..., flow: _Optional[_Union[_offload_pb2.Flow, _Mapping]] = ..., reason: _Optional[_Union[_offload_pb2.Reason, str]] = ..., preread: _Optional[bytes] = ..., app_state: _Optional[bytes] = ...) -> None: ...
+
+class LocalMessage(_message.Message):
+    __slots__ = ("hello", "hello_reply", "offload", "offload_result", "handed_in", "give_back", "give_back_result", "returned")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    HELLO_REPLY_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_RESULT_FIELD_NUMBER: _ClassVar[int]
+    HANDED_IN_FIELD_NUMBER: _ClassVar[int]
+    GIVE_BACK_FIELD_NUMBER: _ClassVar[int]
+    GIVE_BACK_RESULT_FIELD_NUMBER: _ClassVar[int]
+    RETURNED_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    hello_reply: HelloReply
+    offload: OffloadRequest
+    offload_result: OffloadResult
+    handed_in: HandedIn
+    give_back: GiveBack
+    give_back_result: GiveBackResult
+    returned: Returned
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., hello_reply: _Optional[_Union[HelloReply, _Mapping]] = ..., offload: _Optional[_Union[OffloadRequest, _Mapping]] = ..., offload_result: _Optional[_Union[OffloadResult, _Mapping]] = ..., handed_in: _Optional[_Union[HandedIn, _Mapping]] = ..., give_back: _Optional[_Union[GiveBack, _Mapping]] = ..., give_back_result: _Optional[_Union[GiveBackResult, _Mapping]] = ..., returned: _Optional[_Union[Returned, _Mapping]] = ...) -> None: ...
