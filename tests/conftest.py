@@ -1,0 +1,17 @@
+"""Shared pytest set-up: tier markers and the root requirement of the net tier."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The net tier needs root for network namespaces, TC programs and TCP_REPAIR.
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root: network namespaces, TC and TCP_REPAIR")
+    for item in items:
+        if "net" in item.keywords:
+            item.add_marker(skip)
