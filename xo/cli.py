@@ -12,6 +12,7 @@ import sys
 # name -> (module, one-line help). Keep the public names of ARCHITECTURE.md stable.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("xo.demo", "run the live migration demo in a lab of network namespaces"),
+    "lab": ("xo.lab", "build or remove a lab of network namespaces (lab up|down|list)"),
 }
 
 EPILOG = """examples:
