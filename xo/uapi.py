@@ -48,6 +48,11 @@ TCPI_OPT_WSCALE = 4
 TCP_ESTABLISHED = 1
 TCP_CLOSE = 7
 
+# include/net/tcp.h (kernel-internal, but they bound what the uapi accepts)
+TCP_MIN_MSS = 88  # smallest MSS the kernel accepts
+MAX_TCP_WINDOW = 32767  # largest value setsockopt(TCP_MAXSEG) accepts
+TCP_MAX_WSCALE = 14  # largest window scale shift (RFC 7323)
+
 # struct tcp_repair_opt { __u32 opt_code; __u32 opt_val; }
 TCP_REPAIR_OPT = struct.Struct("=II")
 # struct tcp_repair_window { snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup } (5 x __u32)
@@ -56,6 +61,13 @@ TCP_REPAIR_WINDOW_STRUCT = struct.Struct("=IIIII")
 # options, (snd_wscale:4 | rcv_wscale:4), (delivery_rate_app_limited:1 | fastopen_client_fail:2)
 TCP_INFO_HEAD = struct.Struct("=BBBBBBBB")
 TCP_INFO_LEN = 232  # read generously; the kernel copies min(len, sizeof(struct tcp_info))
+
+# --- include/uapi/asm-generic/socket.h -------------------------------------------------------
+# Like SO_SNDBUF/SO_RCVBUF but ignore net.core.[rw]mem_max (need CAP_NET_ADMIN). The kernel
+# stores min(val, INT_MAX / 2) * 2, so the largest buffer a socket can have is INT_MAX - 1.
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+SOCK_BUF_MAX = 2**31 - 2
 
 # --- include/uapi/asm-generic/sockios.h + linux/sockios.h ----------------------------------
 SIOCINQ = 0x541B  # FIONREAD: bytes in the receive queue
