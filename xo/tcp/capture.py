@@ -11,6 +11,7 @@ fallback when the handoff fails). On failure, capture() itself resumes the socke
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -30,7 +31,8 @@ U32_MASK = 0xFFFFFFFF
 WSCALE_MASK = 0x0F  # tcpi_snd_wscale:4, tcpi_rcv_wscale:4 share one byte
 
 
-def _endpoint(sockaddr: tuple[object, ...]) -> Endpoint:
+def sockaddr_endpoint(sockaddr: tuple[object, ...]) -> Endpoint:
+    """Endpoint of a socket address as getsockname()/getpeername() return it."""
     # IPv6 sockaddrs carry a scope ("fe80::1%eth0"): strip it, the address bytes are enough.
     host = str(sockaddr[0]).partition("%")[0]
     port = sockaddr[1]
@@ -131,8 +133,8 @@ def _snapshot(sock: socket.socket, info: bytes) -> TcpState:
     wscale_ok = bool(options & uapi.TCPI_OPT_WSCALE)
     acked_end = outq - unsent
     return TcpState(
-        local=_endpoint(sock.getsockname()),
-        remote=_endpoint(sock.getpeername()),
+        local=sockaddr_endpoint(sock.getsockname()),
+        remote=sockaddr_endpoint(sock.getpeername()),
         send_seq=send_seq,
         recv_seq=recv_seq,
         recv_queue=recv_queue,
@@ -162,8 +164,6 @@ def capture(sock: socket.socket) -> TcpState:
     try:
         return _snapshot(sock, info)
     except BaseException:
-        try:
+        with contextlib.suppress(CaptureError):  # the original error is the one to report
             resume(sock)
-        except CaptureError:
-            pass  # the original error is the one to report
         raise

@@ -70,7 +70,9 @@ def _bind(sock: socket.socket, local: Endpoint) -> None:
         if e.errno == errno.EADDRINUSE:
             raise AddressInUseError("bind", e.errno, f"{local} is taken") from None
         if e.errno == errno.EADDRNOTAVAIL:
-            raise RestoreError("bind", e.errno, f"{local.ip} is not an address of this host")
+            raise RestoreError(
+                "bind", e.errno, f"{local.ip} is not an address of this host"
+            ) from None
         raise _fail("bind", e) from None
 
 
@@ -141,9 +143,7 @@ def _build(sock: socket.socket, state: TcpState, local: Endpoint) -> None:
     _set_queue_seq(sock, uapi.TCP_RECV_QUEUE, state.recv_seq - len(state.recv_queue))
     _set_queue_seq(sock, uapi.TCP_SEND_QUEUE, state.send_seq - state.send_queue_len)
     try:
-        sock.setsockopt(
-            uapi.SOL_TCP, uapi.TCP_MAXSEG, min(state.mss_clamp, uapi.MAX_TCP_WINDOW)
-        )
+        sock.setsockopt(uapi.SOL_TCP, uapi.TCP_MAXSEG, min(state.mss_clamp, uapi.MAX_TCP_WINDOW))
     except OSError as e:
         raise _fail("TCP_MAXSEG", e) from None
     _connect(sock, local, state.remote)

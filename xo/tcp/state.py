@@ -180,5 +180,7 @@ class TcpState:
         try:
             msg.ParseFromString(bytes(data))
         except DecodeError as e:
-            raise StateFormatError(f"TcpState bytes do not parse ({len(data)} bytes): {e}") from None
+            raise StateFormatError(
+                f"TcpState bytes do not parse ({len(data)} bytes): {e}"
+            ) from None
         return cls.from_proto(msg)
