@@ -1,0 +1,157 @@
+"""The seam between the S3 servers and XO's offload machinery (the local agent).
+
+The gateway calls `Offloader.offload(sock, target, preread, app_state)`: when the agent
+accepts, the client's connection lives on the storage node until it comes back through
+`wait_return`. The node side, `NodeAgentLink`, receives handed-in connections and passes them
+to `StorageNode.serve_handed_in`, which gives them back when the response is sent. Proxy mode
+needs none of this: without an agent the gateway serves every GET itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from xo.app import AgentClient
+    from xo.rgw.node import StorageNode
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "s3"
+POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Returned:
+    """A connection back from the target: `sock` is None when the client closed meanwhile."""
+
+    sock: socket.socket | None
+    preread: bytes
+    app_state: bytes
+
+
+class Offloader(Protocol):
+    def offload(self, sock: socket.socket, target: str, preread: bytes,
+                app_state: bytes) -> str | None:
+        """Hand `sock` to `target`: the handoff id, or None if refused (`sock` unchanged)."""
+
+    def wait_return(self, handoff_id: str, timeout: float) -> Returned | None:
+        """The connection back from the target, or None after `timeout` seconds."""
+
+    def close(self) -> None: ...
+
+
+class AgentOffloader:
+    """Offloads through the local XO agent (xo.app) and collects the returned connections."""
+
+    def __init__(self, agent_socket: str, timeout: float) -> None:
+        from xo.app import AgentClient
+
+        self._agent: AgentClient = AgentClient(agent_socket, APP_NAME, accept_connections=True,
+                                               timeout=timeout)
+        self._lock = threading.Lock()
+        self._boxes: dict[str, queue.Queue[Returned]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._collect, name="s3-returns", daemon=True)
+        self._thread.start()
+
+    def _box(self, handoff_id: str) -> queue.Queue[Returned]:
+        with self._lock:
+            return self._boxes.setdefault(handoff_id, queue.Queue(maxsize=1))
+
+    def _collect(self) -> None:
+        from xo.app import Kind
+
+        while not self._stop.is_set():
+            conn = self._agent.get(timeout=POLL_SECONDS)
+            if conn is None:
+                continue
+            if conn.kind not in (Kind.RETURNED, Kind.CLOSED):
+                log.warning("gateway got a %s connection; closing it", conn.kind.value)
+                if conn.sock is not None:
+                    conn.sock.close()
+                continue
+            self._box(conn.handoff_id).put(Returned(conn.sock, conn.preread, conn.app_state))
+
+    def offload(self, sock: socket.socket, target: str, preread: bytes,
+                app_state: bytes) -> str | None:
+        from xo.app import AgentError
+
+        try:
+            outcome = self._agent.offload(sock, target, preread, app_state, APP_NAME)
+        except AgentError as e:
+            log.warning("offload to %s failed: %s", target, e)
+            return None
+        if not outcome.accepted:
+            log.info("offload to %s refused: %s", target, outcome.detail)
+            return None
+        self._box(outcome.handoff_id)
+        return outcome.handoff_id
+
+    def wait_return(self, handoff_id: str, timeout: float) -> Returned | None:
+        box = self._box(handoff_id)
+        try:
+            return box.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        finally:
+            with self._lock:
+                self._boxes.pop(handoff_id, None)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * POLL_SECONDS)
+        self._agent.close()
+
+
+class NodeAgentLink:
+    """A storage node's link to its agent: serves every handed-in connection, gives it back."""
+
+    def __init__(self, node: StorageNode, agent_socket: str, timeout: float) -> None:
+        from xo.app import AgentClient
+
+        self._node = node
+        self._agent: AgentClient = AgentClient(agent_socket, APP_NAME, accept_connections=True,
+                                               timeout=timeout)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="s3-handed-in", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        from xo.app import Kind
+
+        while not self._stop.is_set():
+            conn = self._agent.get(timeout=POLL_SECONDS)
+            if conn is None:
+                continue
+            if conn.kind is not Kind.HANDED_IN or conn.sock is None:
+                log.warning("node got a %s connection; closing it", conn.kind.value)
+                if conn.sock is not None:
+                    conn.sock.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn.sock, conn.handoff_id,
+                             conn.preread, conn.app_state), daemon=True).start()
+
+    def _serve(self, sock: socket.socket, handoff_id: str, preread: bytes,
+               app_state: bytes) -> None:
+        from xo.app import AgentError
+
+        def give_back(s: socket.socket, rest: bytes, state: bytes) -> None:
+            self._agent.give_back(s, handoff_id, rest, state)
+
+        try:
+            self._node.serve_handed_in(sock, preread, app_state, give_back)
+        except (AgentError, OSError) as e:
+            log.warning("handed-in connection %s failed: %s", handoff_id, e)
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * POLL_SECONDS)
+        self._agent.close()
