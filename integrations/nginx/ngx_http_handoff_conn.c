@@ -1,0 +1,288 @@
+/*
+ * Adopting a client socket that the agent passed in (handed in by a frontend, or returned by a
+ * target) as an nginx HTTP connection: what ngx_event_accept does for an accepted socket, then
+ * the listener's handler (ngx_http_init_connection), so the request runs through the normal
+ * HTTP pipeline. Bytes the other side already read (the request) are served first by wrapping
+ * c->recv, because nginx's own read path would drop a pre-filled buffer of an idle connection.
+ */
+#include "ngx_http_handoff.h"
+
+
+static ssize_t
+ngx_http_handoff_recv(ngx_connection_t *c, u_char *buf, size_t size)
+{
+    size_t                        n;
+    ngx_http_handoff_conn_ctx_t  *ctx;
+
+    ctx = ngx_http_handoff_conn_ctx(c);
+    if (ctx == NULL || ctx->preread_pos >= ctx->preread.len) {
+        c->recv = ngx_recv;
+        return ngx_recv(c, buf, size);
+    }
+
+    n = ngx_min(size, ctx->preread.len - ctx->preread_pos);
+    ngx_memcpy(buf, ctx->preread.data + ctx->preread_pos, n);
+    ctx->preread_pos += n;
+    if (ctx->preread_pos == ctx->preread.len) {
+        c->recv = ngx_recv;
+    }
+    return (ssize_t) n;
+}
+
+
+ngx_http_handoff_conn_ctx_t *
+ngx_http_handoff_conn_ctx(ngx_connection_t *c)
+{
+    ngx_pool_cleanup_t  *cln;
+
+    if (c->pool == NULL) {
+        return NULL;
+    }
+    for (cln = c->pool->cleanup; cln; cln = cln->next) {
+        if (cln->handler == ngx_http_handoff_conn_cleanup) {
+            return cln->data;
+        }
+    }
+    return NULL;
+}
+
+
+void
+ngx_http_handoff_detach(ngx_connection_t *c)
+{
+    /* the socket lives on in the agent: closing our fd would not remove it from epoll */
+    if (c->read->active || c->write->active) {
+        if (ngx_del_conn) {
+            (void) ngx_del_conn(c, 0);
+        } else {
+            if (c->read->active) {
+                (void) ngx_del_event(c->read, NGX_READ_EVENT, 0);
+            }
+            if (c->write->active) {
+                (void) ngx_del_event(c->write, NGX_WRITE_EVENT, 0);
+            }
+        }
+    }
+    if (c->read->timer_set) {
+        ngx_del_timer(c->read);
+    }
+    if (c->write->timer_set) {
+        ngx_del_timer(c->write);
+    }
+    if (c->read->posted) {
+        ngx_delete_posted_event(c->read);
+    }
+    if (c->write->posted) {
+        ngx_delete_posted_event(c->write);
+    }
+}
+
+
+static ngx_int_t
+ngx_http_handoff_same_port(struct sockaddr *a, struct sockaddr *b)
+{
+    return a->sa_family == b->sa_family && ngx_inet_get_port(a) == ngx_inet_get_port(b);
+}
+
+
+static ngx_int_t
+ngx_http_handoff_is_wildcard(struct sockaddr *sa)
+{
+    switch (sa->sa_family) {
+#if (NGX_HAVE_INET6)
+    case AF_INET6:
+        return IN6_IS_ADDR_UNSPECIFIED(&((struct sockaddr_in6 *) sa)->sin6_addr);
+#endif
+    case AF_INET:
+        return ((struct sockaddr_in *) sa)->sin_addr.s_addr == INADDR_ANY;
+    default:
+        return 0;
+    }
+}
+
+
+ngx_listening_t *
+ngx_http_handoff_listener_for(ngx_socket_t fd)
+{
+    ngx_uint_t        i;
+    ngx_listening_t  *ls, *wildcard;
+    ngx_sockaddr_t    local;
+    socklen_t         len;
+
+    len = sizeof(local);
+    if (getsockname(fd, &local.sockaddr, &len) == -1) {
+        return NULL;
+    }
+
+    wildcard = NULL;
+    ls = ngx_cycle->listening.elts;
+    for (i = 0; i < ngx_cycle->listening.nelts; i++) {
+        if (ls[i].handler != ngx_http_init_connection || ls[i].fd == (ngx_socket_t) -1
+            || !ngx_http_handoff_same_port(ls[i].sockaddr, &local.sockaddr))
+        {
+            continue;
+        }
+        if (ngx_cmp_sockaddr(ls[i].sockaddr, ls[i].socklen, &local.sockaddr, len, 1)
+            == NGX_OK)
+        {
+            return &ls[i];
+        }
+        if (ngx_http_handoff_is_wildcard(ls[i].sockaddr)) {
+            wildcard = &ls[i];
+        }
+    }
+    return wildcard;
+}
+
+
+static ngx_int_t
+ngx_http_handoff_set_addresses(ngx_connection_t *c)
+{
+    ngx_sockaddr_t  sa;
+    socklen_t       len;
+
+    len = sizeof(sa);
+    if (getpeername(c->fd, &sa.sockaddr, &len) == -1) {
+        ngx_log_error(NGX_LOG_ERR, c->log, ngx_socket_errno, "handoff: getpeername() failed");
+        return NGX_ERROR;
+    }
+    c->sockaddr = ngx_palloc(c->pool, len);
+    if (c->sockaddr == NULL) {
+        return NGX_ERROR;
+    }
+    ngx_memcpy(c->sockaddr, &sa, len);
+    c->socklen = len;
+
+    len = sizeof(sa);
+    if (getsockname(c->fd, &sa.sockaddr, &len) == -1) {
+        ngx_log_error(NGX_LOG_ERR, c->log, ngx_socket_errno, "handoff: getsockname() failed");
+        return NGX_ERROR;
+    }
+    c->local_sockaddr = ngx_palloc(c->pool, len);
+    if (c->local_sockaddr == NULL) {
+        return NGX_ERROR;
+    }
+    ngx_memcpy(c->local_sockaddr, &sa, len);
+    c->local_socklen = len;
+
+    if (c->listening->addr_ntop) {
+        c->addr_text.data = ngx_pnalloc(c->pool, c->listening->addr_text_max_len);
+        if (c->addr_text.data == NULL) {
+            return NGX_ERROR;
+        }
+        c->addr_text.len = ngx_sock_ntop(c->sockaddr, c->socklen, c->addr_text.data,
+                                         c->listening->addr_text_max_len, 0);
+    }
+    return NGX_OK;
+}
+
+
+static ngx_http_handoff_conn_ctx_t *
+ngx_http_handoff_new_ctx(ngx_connection_t *c, xo_conn_kind_e kind, ngx_str_t *handoff_id,
+    ngx_str_t *preread)
+{
+    ngx_pool_cleanup_t           *cln;
+    ngx_http_handoff_conn_ctx_t  *ctx;
+
+    cln = ngx_pool_cleanup_add(c->pool, sizeof(ngx_http_handoff_conn_ctx_t));
+    if (cln == NULL) {
+        return NULL;
+    }
+    ctx = cln->data;
+    ngx_memzero(ctx, sizeof(*ctx));
+    ctx->c = c;
+    ctx->kind = kind;
+    ctx->handoff_id.data = ngx_pstrdup(c->pool, handoff_id);
+    ctx->handoff_id.len = handoff_id->len;
+    if (preread->len) {
+        ctx->preread.data = ngx_pnalloc(c->pool, preread->len);
+        if (ctx->preread.data == NULL || ctx->handoff_id.data == NULL) {
+            return NULL;
+        }
+        ngx_memcpy(ctx->preread.data, preread->data, preread->len);
+        ctx->preread.len = preread->len;
+    }
+    cln->handler = ngx_http_handoff_conn_cleanup;
+    return ctx;
+}
+
+
+ngx_connection_t *
+ngx_http_handoff_adopt(ngx_socket_t fd, ngx_listening_t *ls, xo_conn_kind_e kind,
+    ngx_str_t *handoff_id, ngx_str_t *preread, ngx_log_t *log)
+{
+    ngx_log_t                    *clog;
+    ngx_connection_t             *c;
+    ngx_http_handoff_conn_ctx_t  *ctx;
+
+#if (NGX_STAT_STUB)
+    (void) ngx_atomic_fetch_add(ngx_stat_accepted, 1);
+#endif
+
+    c = ngx_get_connection(fd, log);
+    if (c == NULL) {
+        close(fd);
+        return NULL;
+    }
+    c->type = SOCK_STREAM;
+
+#if (NGX_STAT_STUB)
+    (void) ngx_atomic_fetch_add(ngx_stat_active, 1);
+#endif
+
+    c->pool = ngx_create_pool(ls->pool_size, log);
+    if (c->pool == NULL) {
+        goto failed;
+    }
+    clog = ngx_palloc(c->pool, sizeof(ngx_log_t));
+    if (clog == NULL) {
+        goto failed;
+    }
+    *clog = ls->log;
+    c->log = clog;
+    c->pool->log = clog;
+    c->read->log = clog;
+    c->write->log = clog;
+    c->listening = ls;
+
+    if (ngx_nonblocking(fd) == -1 || ngx_http_handoff_set_addresses(c) != NGX_OK) {
+        goto failed;
+    }
+
+    ctx = ngx_http_handoff_new_ctx(c, kind, handoff_id, preread);
+    if (ctx == NULL) {
+        goto failed;
+    }
+
+    c->recv = ctx->preread.len ? ngx_http_handoff_recv : ngx_recv;
+    c->send = ngx_send;
+    c->recv_chain = ngx_recv_chain;
+    c->send_chain = ngx_send_chain;
+    c->write->ready = 1;
+    /* the restored socket may already hold the request: read before waiting for epoll */
+    c->read->ready = 1;
+    c->number = ngx_atomic_fetch_add(ngx_connection_counter, 1);
+    c->start_time = ngx_current_msec;
+
+#if (NGX_STAT_STUB)
+    (void) ngx_atomic_fetch_add(ngx_stat_handled, 1);
+#endif
+
+    clog->data = NULL;
+    clog->handler = NULL;
+    ls->handler(c);
+    return c;
+
+failed:
+
+    ngx_log_error(NGX_LOG_ERR, log, 0, "handoff: cannot adopt a connection from the agent");
+#if (NGX_STAT_STUB)
+    (void) ngx_atomic_fetch_add(ngx_stat_active, -1);
+#endif
+    if (c->pool) {
+        ngx_destroy_pool(c->pool);
+        c->pool = NULL;
+    }
+    ngx_close_connection(c);
+    return NULL;
+}
