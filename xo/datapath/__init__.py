@@ -18,10 +18,12 @@ from xo.datapath.errors import (
     InterfaceNotFound,
     UnknownFlow,
 )
+from xo.datapath.freezer import BlockFreezer
 from xo.datapath.layout import Action, Direction, Redirect
 
 __all__ = [
     "Action",
+    "BlockFreezer",
     "Datapath",
     "DatapathError",
     "DatapathPermissionError",

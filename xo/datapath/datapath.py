@@ -186,6 +186,19 @@ class Datapath:
         """Drop the client's packets of this flow (ingress) until changed or removed."""
         self._set(check_flow(flow), Direction.INGRESS, make_action(Action.BLOCK))
 
+    def unblock(self, flow: FlowKey) -> bool:
+        """Delete the flow's ingress entry if it is still a BLOCK; a REDIRECT that replaced
+        the block is kept (freeze -> redirect -> thaw must leave the redirect working)."""
+        flow = check_flow(flow)
+        program = self._live()
+        key = make_key(flow, Direction.INGRESS)
+        value = FlowActionStruct()
+        if not self._lookup(program.flows.map_fd, key, value) or value.action != Action.BLOCK:
+            return False
+        self._delete(program.flows.map_fd, key)
+        self._delete(program.stats.map_fd, key)
+        return True
+
     def allow(self, flow: FlowKey) -> None:
         """PASS: deliver the client's packets unchanged, but count them."""
         self._set(check_flow(flow), Direction.INGRESS, make_action(Action.PASS))
