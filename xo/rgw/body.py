@@ -19,7 +19,14 @@ from typing import IO, Any
 
 from xo.rgw import sigv4
 from xo.rgw.errors import S3Error
-from xo.rgw.http import HttpConnection, HttpError, Request, read_chunked, read_length
+from xo.rgw.http import (
+    ConnectionClosed,
+    HttpConnection,
+    HttpError,
+    Request,
+    read_chunked,
+    read_length,
+)
 
 # S3's largest single PUT.
 MAX_PUT_BYTES = 5 * 1024**3
@@ -187,7 +194,7 @@ def receive(conn: HttpConnection, req: Request, auth: sigv4.AuthResult,
                 checksum.update(data)
             spool.write(data)
         _verify(req, size, md5, sha, payload_hash, algo, checksum, trailers)
-    except HttpError as e:
+    except (HttpError, ConnectionClosed) as e:
         spool.close()
         raise S3Error("IncompleteBody", str(e)) from None
     except BaseException:
