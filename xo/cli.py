@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("xo.demo", "run the live migration demo in a lab of network namespaces"),
     "lab": ("xo.lab", "build or remove a lab of network namespaces (lab up|down|list)"),
+    "bench-datapath": ("xo.datapath.bench", "benchmark the eBPF flow table and a move's blackout"),
     "s3-gateway": ("xo.rgw.cmd_gateway", "run the S3 gateway (offloads large GETs to nodes)"),
     "s3-node": ("xo.rgw.cmd_node", "run an S3 storage node"),
 }

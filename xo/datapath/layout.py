@@ -11,6 +11,7 @@ import ctypes
 import enum
 import ipaddress
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ HEADER = Path(__file__).resolve().parents[2] / "bpf" / "xo_tc.h"
 PROGRAM = HEADER.with_name("xo_tc.c")
 MAC_LEN = 6
 ADDR_WORDS = 4
+# struct xo_flow_key as bytes: addresses, ports in network order, family, dir, padding.
+_KEY_WIRE = struct.Struct("!16s16sHHBB2x")
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 
@@ -131,17 +134,13 @@ def make_key(flow: FlowKey, direction: Direction) -> FlowKeyStruct:
 
     flow = (client, local): ingress packets go client -> local; egress packets local -> client.
     """
-    src, dst = (
-        (flow.client, flow.vip) if direction == Direction.INGRESS else (flow.vip, flow.client)
+    src, dst = flow.client, flow.vip
+    if direction == Direction.EGRESS:
+        src, dst = dst, src
+    raw = _KEY_WIRE.pack(
+        _addr_bytes(src.ip), _addr_bytes(dst.ip), src.port, dst.port, flow.family, direction
     )
-    key = FlowKeyStruct()
-    key.src[:] = _addr_bytes(src.ip)
-    key.dst[:] = _addr_bytes(dst.ip)
-    key.sport[:] = src.port.to_bytes(2, "big")
-    key.dport[:] = dst.port.to_bytes(2, "big")
-    key.family = flow.family
-    key.dir = direction
-    return key
+    return FlowKeyStruct.from_buffer_copy(raw)
 
 
 def parse_key(key: FlowKeyStruct) -> tuple[FlowKey, Direction]:
