@@ -23,7 +23,7 @@ from xo.tcp.errors import (
     SyscallError,
     TcpError,
 )
-from xo.tcp.restore import restore
+from xo.tcp.restore import nudge, restore
 from xo.tcp.state import TCP_STATE_VERSION, TcpState, TcpWindow
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "TcpState",
     "TcpWindow",
     "capture",
+    "nudge",
     "release",
     "restore",
     "resume",

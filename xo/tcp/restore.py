@@ -203,3 +203,18 @@ def restore(state: TcpState, local: Endpoint | None = None) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def nudge(sock: socket.socket) -> None:
+    """Make the kernel send a window probe now, so the peer answers with an ACK at once.
+
+    Use it once the path from the peer is in place (redirect installed): the probe sent when
+    restore() left repair mode may have been answered into a still-frozen path, and an idle
+    peer would then only be heard from after a retransmit timeout (>= 200 ms; 1 s for a
+    restored socket, which has no RTT estimate). Repair on+off on a live socket does it.
+    """
+    try:
+        sock.setsockopt(uapi.SOL_TCP, uapi.TCP_REPAIR, uapi.TCP_REPAIR_ON)
+        sock.setsockopt(uapi.SOL_TCP, uapi.TCP_REPAIR, uapi.TCP_REPAIR_OFF)
+    except OSError as e:
+        raise _fail("window probe (repair on/off)", e) from None
