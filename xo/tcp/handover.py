@@ -172,7 +172,7 @@ def run_target(a: argparse.Namespace) -> int:
     handoff = json.loads(sys.stdin.readline())
     state = tcp.TcpState.from_bytes(base64.b64decode(handoff["state"]))
     t0 = time.perf_counter_ns()
-    sock = tcp.restore(state, local=Endpoint.parse(a.local))
+    sock = tcp.restore(state, local=Endpoint.parse(a.local), probe=False)
     t1 = time.perf_counter_ns()
     emit(event="restored", restore_us=(t1 - t0) / NS_PER_US)
     expect_line("ready")

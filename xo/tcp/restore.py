@@ -162,10 +162,11 @@ def _build(sock: socket.socket, state: TcpState, local: Endpoint) -> None:
         raise _fail("TCP_REPAIR_WINDOW", e) from None
 
 
-def _go_live(sock: socket.socket, unsent: bytes) -> None:
-    """Leave repair mode (window probe), then queue the never-sent bytes as new data."""
+def _go_live(sock: socket.socket, unsent: bytes, probe: bool) -> None:
+    """Leave repair mode (with a window probe or not), then queue the never-sent bytes."""
+    off = uapi.TCP_REPAIR_OFF if probe else uapi.TCP_REPAIR_OFF_NO_WP
     try:
-        sock.setsockopt(uapi.SOL_TCP, uapi.TCP_REPAIR, uapi.TCP_REPAIR_OFF)
+        sock.setsockopt(uapi.SOL_TCP, uapi.TCP_REPAIR, off)
     except OSError as e:
         raise _fail("TCP_REPAIR off", e) from None
     view = memoryview(unsent)
@@ -180,8 +181,13 @@ def _go_live(sock: socket.socket, unsent: bytes) -> None:
         raise _fail("send unsent bytes", e) from None
 
 
-def restore(state: TcpState, local: Endpoint | None = None) -> socket.socket:
+def restore(state: TcpState, local: Endpoint | None = None, *, probe: bool = True) -> socket.socket:
     """Recreate the connection as a live socket bound to `local` (default: the captured one).
+
+    probe=False leaves repair mode without the window probe: for a handoff whose return path
+    (the owner's redirect) is not in place yet. Call nudge() once it is: the peer answers
+    such probes at most once per 500 ms (net.ipv4.tcp_invalid_ratelimit), so a probe answered
+    into a frozen path would silence the next one and an idle peer would stall for an RTO.
 
     Raises RepairPermissionError, AddressInUseError, QueueTooLargeError or RestoreError; on
     any failure the half-built socket is closed in repair mode, so the peer sees nothing.
@@ -195,7 +201,7 @@ def restore(state: TcpState, local: Endpoint | None = None) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         _build(sock, state, local)
-        _go_live(sock, state.send_unsent)
+        _go_live(sock, state.send_unsent, probe)
     except BaseException:
         # Back into repair mode (if it ever left) so that close() sends neither FIN nor RST.
         with contextlib.suppress(OSError):
@@ -208,10 +214,10 @@ def restore(state: TcpState, local: Endpoint | None = None) -> socket.socket:
 def nudge(sock: socket.socket) -> None:
     """Make the kernel send a window probe now, so the peer answers with an ACK at once.
 
-    Use it once the path from the peer is in place (redirect installed): the probe sent when
-    restore() left repair mode may have been answered into a still-frozen path, and an idle
-    peer would then only be heard from after a retransmit timeout (>= 200 ms; 1 s for a
-    restored socket, which has no RTT estimate). Repair on+off on a live socket does it.
+    Use it after restore(..., probe=False) once the path from the peer is in place (redirect
+    installed): the socket still holds unacked bytes the peer may long have, and until the
+    peer's ACK arrives an idle peer would only be heard from after a retransmit timeout
+    (1 s for a restored socket, which has no RTT estimate). Repair on+off does it.
     """
     try:
         sock.setsockopt(uapi.SOL_TCP, uapi.TCP_REPAIR, uapi.TCP_REPAIR_ON)
