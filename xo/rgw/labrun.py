@@ -1,0 +1,147 @@
+"""An S3 deployment in an xo.lab: storage nodes on the backends, the gateway on frontend 0.
+
+Each server runs as its own `xo s3-node` / `xo s3-gateway` process inside its host's network
+namespace, from a generated TOML file, so tests and benchmarks exercise exactly what an
+operator runs. Used by tests/net/test_s3_lab.py and `xo s3-bench`.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from xo.lab import Host, Lab
+
+GATEWAY_PORT = 9000
+NODE_PORT = 9100
+READY_TIMEOUT = 15.0
+POLL_SECONDS = 0.05
+STOP_TIMEOUT = 5.0
+ACCESS_KEY, SECRET_KEY = "XOLABKEY", "xo-lab-secret"
+
+
+class DeploymentError(RuntimeError):
+    """A server of the deployment did not start (its log is in the message)."""
+
+
+def _toml_str(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class S3Deployment:
+    """Gateway on lab.frontends[0] (VIP:9000), one storage node per backend."""
+
+    def __init__(self, lab: Lab, workdir: Path, offload: bool = False,
+                 threshold: int = 1024 * 1024, replicas: int = 2,
+                 agent_sockets: dict[str, str] | None = None) -> None:
+        self.lab = lab
+        self.workdir = workdir
+        self.config_path = workdir / "s3.toml"
+        self.offload = offload
+        self.threshold = threshold
+        self.replicas = replicas
+        self.agent_sockets = agent_sockets or {}
+        self._procs: dict[str, subprocess.Popen[Any]] = {}
+        self._logs: dict[str, IO[bytes]] = {}
+
+    @property
+    def gateway_host(self) -> Host:
+        return self.lab.frontends[0]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.lab.vip4}:{GATEWAY_PORT}"
+
+    def node_url(self, i: int) -> str:
+        return f"http://{self.lab.backends[i].ip4}:{NODE_PORT}"
+
+    def write_config(self) -> None:
+        lines = [
+            "[gateway]",
+            f'listen = "0.0.0.0:{GATEWAY_PORT}"',
+            f"replicas = {self.replicas}",
+            f"write_quorum = {self.replicas}",
+            "connect_timeout = 1.0",
+            "io_timeout = 10.0",
+            f"keys = {{ {ACCESS_KEY} = {_toml_str(SECRET_KEY)} }}",
+            "",
+            "[offload]",
+            f"enabled = {'true' if self.offload else 'false'}",
+            f"threshold = {self.threshold}",
+            f"agent_socket = {_toml_str(self.agent_sockets.get(self.gateway_host.name, ''))}",
+        ]
+        for i, b in enumerate(self.lab.backends):
+            lines += [
+                "",
+                "[[nodes]]",
+                f'name = "n{i}"',
+                f'address = "{b.ip4}:{NODE_PORT}"',
+                f"data_dir = {_toml_str(str(self.workdir / f'data-n{i}'))}",
+                f'target = "{b.name}"',
+                f"agent_socket = {_toml_str(self.agent_sockets.get(b.name, ''))}",
+            ]
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def _start(self, name: str, host: Host, argv: list[str], port: int) -> None:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed in _stop
+        self._logs[name] = log
+        cmd = [sys.executable, "-m", "xo.cli", *argv, "-c", str(self.config_path)]
+        self._procs[name] = host.popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._procs[name].poll() is not None:
+                break
+            try:
+                with host.enter():
+                    socket.create_connection((str(host.ip4), port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(POLL_SECONDS)
+        text = (self.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+        self._stop(name)
+        raise DeploymentError(f"{name} did not start on {host.name}:{port}:\n{text}")
+
+    def start_node(self, i: int) -> None:
+        self._start(f"n{i}", self.lab.backends[i], ["s3-node", "--name", f"n{i}"], NODE_PORT)
+
+    def stop_node(self, i: int) -> None:
+        self._stop(f"n{i}")
+
+    def start(self) -> S3Deployment:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+        try:
+            for i in range(len(self.lab.backends)):
+                self.start_node(i)
+            self._start("gateway", self.gateway_host, ["s3-gateway"], GATEWAY_PORT)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _stop(self, name: str) -> None:
+        proc = self._procs.pop(name, None)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log = self._logs.pop(name, None)
+        if log is not None:
+            log.close()
+
+    def close(self) -> None:
+        for name in list(self._procs):
+            self._stop(name)
+
+    def __enter__(self) -> S3Deployment:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
