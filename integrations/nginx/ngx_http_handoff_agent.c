@@ -47,6 +47,7 @@ static void xo_link_write_handler(ngx_event_t *wev);
 static void xo_link_fail(const char *why, ngx_err_t err);
 static ngx_int_t xo_link_dispatch(void);
 static ngx_int_t xo_link_begin_body(void);
+static ngx_int_t xo_link_flush(ngx_err_t *errp);
 
 
 ngx_int_t
@@ -113,6 +114,7 @@ xo_link_connect(ngx_event_t *ev)
     struct sockaddr_un   sun;
     xo_local_msg_t       hello;
     ngx_err_t            err;
+    ngx_uint_t           level;
 
     ngx_memzero(&sun, sizeof(sun));
     sun.sun_family = AF_UNIX;
@@ -128,7 +130,8 @@ xo_link_connect(ngx_event_t *ev)
     if (connect(fd, (struct sockaddr *) &sun, sizeof(sun)) == -1) {
         err = ngx_socket_errno;
         /* say it once, not every retry: requests are served locally meanwhile */
-        ngx_log_error((xo_link.failures++ ? NGX_LOG_DEBUG : NGX_LOG_WARN), xo_link.log, err,
+        level = xo_link.failures++ ? NGX_LOG_DEBUG : NGX_LOG_WARN;
+        ngx_log_error(level, xo_link.log, err,
                       "handoff: cannot connect to agent \"%V\", serving locally",
                       &xo_link.conf->agent_path);
         close(fd);
@@ -174,6 +177,7 @@ xo_link_send(xo_local_msg_t *msg, ngx_socket_t fd)
     size_t       size;
     long         n;
     xo_frame_t  *f;
+    ngx_err_t    err = 0;
 
     if (xo_link.state == XO_LINK_DOWN) {
         return NGX_ERROR;
@@ -206,16 +210,20 @@ xo_link_send(xo_local_msg_t *msg, ngx_socket_t fd)
     f->fd = fd;
     ngx_queue_insert_tail(&xo_link.tx, &f->queue);
 
-    /* written from the event loop, so a failure reaches every waiter the same way */
-    if (!xo_link.c->write->posted) {
+    /* write now; a failure is reported from the event loop, so it reaches every waiter the
+     * same way and never re-enters the caller */
+    if (xo_link.c->write->ready && xo_link_flush(&err) == NGX_ERROR
+        && !xo_link.c->write->posted)
+    {
         ngx_post_event(xo_link.c->write, &ngx_posted_events);
     }
     return NGX_OK;
 }
 
 
-static void
-xo_link_write_handler(ngx_event_t *wev)
+/* Writes queued frames until done or EAGAIN; NGX_ERROR leaves the failing to the caller. */
+static ngx_int_t
+xo_link_flush(ngx_err_t *errp)
 {
     ssize_t          n;
     xo_frame_t      *f;
@@ -223,12 +231,13 @@ xo_link_write_handler(ngx_event_t *wev)
     struct msghdr    mh;
     struct cmsghdr  *cm;
     ngx_err_t        err;
+    ngx_event_t     *wev = xo_link.c->write;
     union {
         struct cmsghdr  align;
         char            buf[CMSG_SPACE(sizeof(int))];
     } cmsg;
 
-    while (xo_link.state != XO_LINK_DOWN && !ngx_queue_empty(&xo_link.tx)) {
+    while (!ngx_queue_empty(&xo_link.tx)) {
         f = ngx_queue_data(ngx_queue_head(&xo_link.tx), xo_frame_t, queue);
 
         ngx_memzero(&mh, sizeof(mh));
@@ -256,13 +265,10 @@ xo_link_write_handler(ngx_event_t *wev)
             }
             if (err == NGX_EAGAIN) {
                 wev->ready = 0;
-                if (ngx_handle_write_event(wev, 0) != NGX_OK) {
-                    xo_link_fail("cannot watch the agent socket", 0);
-                }
-                return;
+                return ngx_handle_write_event(wev, 0) == NGX_OK ? NGX_AGAIN : NGX_ERROR;
             }
-            xo_link_fail("sendmsg() to agent failed", err);
-            return;
+            *errp = err;
+            return NGX_ERROR;
         }
 
         f->sent += (size_t) n;
@@ -270,6 +276,18 @@ xo_link_write_handler(ngx_event_t *wev)
             ngx_queue_remove(&f->queue);
             ngx_free(f);
         }
+    }
+    return NGX_OK;
+}
+
+
+static void
+xo_link_write_handler(ngx_event_t *wev)
+{
+    ngx_err_t  err = 0;
+
+    if (xo_link.state != XO_LINK_DOWN && xo_link_flush(&err) == NGX_ERROR) {
+        xo_link_fail("sendmsg() to agent failed", err);
     }
 }
 
@@ -455,11 +473,13 @@ xo_link_fail(const char *why, ngx_err_t err)
     xo_frame_t        *f;
     ngx_queue_t       *q;
     xo_link_down_pt    on_down;
+    ngx_uint_t         level;
 
     if (xo_link.state == XO_LINK_DOWN) {
         return;
     }
-    ngx_log_error((xo_link.on_down ? NGX_LOG_WARN : NGX_LOG_INFO), xo_link.log, err,
+    level = xo_link.on_down ? NGX_LOG_WARN : NGX_LOG_INFO;
+    ngx_log_error(level, xo_link.log, err,
                   "handoff: agent link down: %s", why);
 
     /* fds in unsent frames belong to their callers, who learn about it from on_down */

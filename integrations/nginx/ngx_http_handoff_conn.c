@@ -248,6 +248,11 @@ ngx_http_handoff_adopt(ngx_socket_t fd, ngx_listening_t *ls, xo_conn_kind_e kind
     if (ngx_nonblocking(fd) == -1 || ngx_http_handoff_set_addresses(c) != NGX_OK) {
         goto failed;
     }
+    if (c->local_sockaddr->sa_family != ls->sockaddr->sa_family) {
+        /* nginx reads the listener's addresses by the connection's family */
+        ngx_log_error(NGX_LOG_ERR, log, 0, "handoff: no listener of the connection's family");
+        goto failed;
+    }
 
     ctx = ngx_http_handoff_new_ctx(c, kind, handoff_id, preread);
     if (ctx == NULL) {

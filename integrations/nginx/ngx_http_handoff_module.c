@@ -77,7 +77,10 @@ static void ngx_http_handoff_giveback_send(ngx_http_handoff_giveback_t *gb, ngx_
 static ngx_queue_t       ngx_http_handoff_waiting;    /* requests awaiting OffloadResult */
 static ngx_queue_t       ngx_http_handoff_givebacks;  /* give-backs awaiting their result */
 static uint64_t          ngx_http_handoff_last_id;
-static ngx_listening_t  *ngx_http_handoff_in_listener;
+/* The handoff_in listener per address family (nginx reads a listener's addresses by the
+ * connection's family, so a handed-in socket needs a listener of its own family). */
+static ngx_listening_t  *ngx_http_handoff_in_listener4;
+static ngx_listening_t  *ngx_http_handoff_in_listener6;
 
 static ngx_str_t  ngx_http_handoff_st_local = ngx_string("local");
 static ngx_str_t  ngx_http_handoff_st_out = ngx_string("out");
@@ -883,6 +886,20 @@ ngx_http_handoff_giveback_result(xo_local_msg_t *msg)
 }
 
 
+static ngx_listening_t *
+ngx_http_handoff_in_listener_for(ngx_socket_t fd)
+{
+    ngx_sockaddr_t  sa;
+    socklen_t       len = sizeof(sa);
+
+    if (getsockname(fd, &sa.sockaddr, &len) == -1) {
+        return NULL;
+    }
+    return sa.sockaddr.sa_family == AF_INET6 ? ngx_http_handoff_in_listener6
+                                             : ngx_http_handoff_in_listener4;
+}
+
+
 static void
 ngx_http_handoff_adopt_msg(xo_local_msg_t *msg, ngx_socket_t fd, xo_conn_kind_e kind)
 {
@@ -895,9 +912,9 @@ ngx_http_handoff_adopt_msg(xo_local_msg_t *msg, ngx_socket_t fd, xo_conn_kind_e 
     preread.data = (u_char *) msg->preread.data;
     preread.len = msg->preread.len;
 
-    ls = kind == XO_CONN_IN ? ngx_http_handoff_in_listener : ngx_http_handoff_listener_for(fd);
+    ls = kind == XO_CONN_IN ? NULL : ngx_http_handoff_listener_for(fd);
     if (ls == NULL) {
-        ls = ngx_http_handoff_in_listener;
+        ls = ngx_http_handoff_in_listener_for(fd);
     }
     if (ls != NULL) {
         (void) ngx_http_handoff_adopt(fd, ls, kind, &id, &preread, ngx_cycle->log);
@@ -1004,9 +1021,9 @@ ngx_http_handoff_server_in(ngx_http_core_srv_conf_t *cscf)
 }
 
 
-/* The first listener whose default server has "handoff_in on". */
+/* The first listener of the family whose default server has "handoff_in on". */
 static ngx_listening_t *
-ngx_http_handoff_find_in_listener(ngx_cycle_t *cycle)
+ngx_http_handoff_find_in_listener(ngx_cycle_t *cycle, int family)
 {
     ngx_uint_t           i, j;
     ngx_listening_t     *ls;
@@ -1018,7 +1035,9 @@ ngx_http_handoff_find_in_listener(ngx_cycle_t *cycle)
 
     ls = cycle->listening.elts;
     for (i = 0; i < cycle->listening.nelts; i++) {
-        if (ls[i].handler != ngx_http_init_connection || ls[i].servers == NULL) {
+        if (ls[i].handler != ngx_http_init_connection || ls[i].servers == NULL
+            || ls[i].sockaddr->sa_family != family)
+        {
             continue;
         }
         port = ls[i].servers;
@@ -1054,7 +1073,8 @@ ngx_http_handoff_init_process(ngx_cycle_t *cycle)
     if (hmcf == NULL || hmcf->agent_path.len == 0) {
         return NGX_OK;
     }
-    ngx_http_handoff_in_listener = ngx_http_handoff_find_in_listener(cycle);
+    ngx_http_handoff_in_listener4 = ngx_http_handoff_find_in_listener(cycle, AF_INET);
+    ngx_http_handoff_in_listener6 = ngx_http_handoff_find_in_listener(cycle, AF_INET6);
     return xo_link_start(cycle, hmcf, ngx_http_handoff_on_message, ngx_http_handoff_on_down);
 }
 

@@ -1,0 +1,451 @@
+"""Helpers of the nginx net tests: build the handoff module, run real nginx in a lab host, and
+an fd-passing stand-in for the xo agent's local API.
+
+The stand-in speaks proto/xo/v1/local.proto exactly as the agent does towards apps (Hello,
+OffloadRequest -> HandedIn + OffloadResult, GiveBack -> Returned + GiveBackResult) but moves
+sockets between nginx instances by fd passing only, without TCP_REPAIR: it exercises the
+module's whole control flow against real nginx and real clients, independently of the agent.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import hashlib
+import ipaddress
+import itertools
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xo.lab import Host
+from xo.v1 import local_pb2, offload_pb2
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO / "integrations" / "nginx" / "build.sh"
+HEADER = struct.Struct("!I")
+FD_SIZE = array.array("i").itemsize
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
+POLL_S = 0.02
+# Log levels that mean a bug in the module (or nginx) when they appear in error.log.
+BAD_LOG_LEVELS = ("[alert]", "[crit]", "[emerg]")
+
+
+def build_module() -> Path:
+    """Build (or reuse) the module; returns the .so path."""
+    out = subprocess.run([str(BUILD_SCRIPT)], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def shared_dir(prefix: str) -> Path:
+    """A directory nginx workers (user nobody) can traverse, unlike pytest's tmp_path."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    d.chmod(0o755)
+    return d
+
+
+def make_files(root: Path, sizes: dict[str, int]) -> dict[str, tuple[int, str]]:
+    """Random files name -> (size, sha256)."""
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)
+    out = {}
+    for name, size in sizes.items():
+        data = os.urandom(size)
+        (root / name).write_bytes(data)
+        (root / name).chmod(0o644)
+        out[name] = (size, hashlib.sha256(data).hexdigest())
+    return out
+
+
+@dataclass
+class Nginx:
+    """One real nginx (master + workers) in a lab host, from a server{} block."""
+
+    host: Host
+    directory: Path
+    servers: str
+    module: Path
+    agent: Path | None = None
+    workers: int = 2
+    http_extra: str = ""
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def error_log(self) -> Path:
+        return self.directory / "error.log"
+
+    @property
+    def access_log(self) -> Path:
+        return self.directory / "access.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.directory / "nginx.pid"
+
+    def config(self) -> str:
+        d = self.directory
+        agent = (
+            f"handoff_agent unix:{self.agent};\n    handoff_agent_retry 200ms;"
+            if self.agent
+            else ""
+        )
+        temp = "\n".join(
+            f"    {kind}_temp_path {d}/tmp_{kind};"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        return f"""load_module {self.module};
+worker_processes {self.workers};
+pid {self.pid_file};
+error_log {self.error_log} info;
+events {{ worker_connections 1024; }}
+http {{
+    log_format xo '$remote_addr "$request" $status $body_bytes_sent '
+                  'hs=$handoff_status ht=$handoff_target hid=$handoff_id c=$connection';
+    access_log {self.access_log} xo;
+{temp}
+    keepalive_requests 100000;
+    sendfile on;
+    {agent}
+    {self.http_extra}
+{self.servers}
+}}
+"""
+
+    def start(self) -> Nginx:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conf = self.directory / "nginx.conf"
+        conf.write_text(self.config())
+        argv = ["nginx", "-p", str(self.directory), "-c", str(conf), "-e", str(self.error_log)]
+        check = self.host.run([*argv, "-t"], check=False)
+        if check.returncode != 0:
+            raise RuntimeError(f"nginx -t failed:\n{check.stderr}")
+        self.proc = self.host.popen([*argv, "-g", "daemon off;"])
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(self.worker_pids()) < self.workers:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nginx did not start:\n{self.log_text()}")
+            time.sleep(POLL_S)
+        return self
+
+    def master_pid(self) -> int:
+        """`ip netns exec` execs nginx, so the process we started is the master."""
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else 0
+
+    def worker_pids(self) -> list[int]:
+        master = self.master_pid()
+        if not master:
+            return []
+        out = subprocess.run(
+            ["ps", "-o", "pid=,args=", "--ppid", str(master)], capture_output=True, text=True
+        )
+        return [
+            int(line.split()[0])
+            for line in out.stdout.splitlines()
+            if "worker process" in line and "shutting down" not in line
+        ]
+
+    def open_fds(self) -> int:
+        """File descriptors held by the current workers."""
+        return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in self.worker_pids())
+
+    def reload(self) -> None:
+        """HUP: new workers with the same config; old ones finish and exit gracefully."""
+        old = set(self.worker_pids())
+        os.kill(self.master_pid(), signal.SIGHUP)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (set(self.worker_pids()) - old) or len(self.worker_pids()) < self.workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError("nginx reload did not start new workers")
+            time.sleep(POLL_S)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGQUIT)
+        try:
+            self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.error_log.read_text() if self.error_log.exists() else ""
+
+    def bad_log_lines(self) -> list[str]:
+        return [ln for ln in self.log_text().splitlines() if any(b in ln for b in BAD_LOG_LEVELS)]
+
+    def access(self) -> list[dict[str, str]]:
+        """Access log entries: request, status, bytes and the handoff fields."""
+        rows = []
+        if not self.access_log.exists():
+            return rows
+        for line in self.access_log.read_text().splitlines():
+            _, request, rest = line.split('"', 2)
+            status, size, *kv = rest.split()
+            row = {"request": request, "status": status, "bytes": size}
+            row.update(item.split("=", 1) for item in kv)
+            rows.append(row)
+        return rows
+
+    def __enter__(self) -> Nginx:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> offload_pb2.Endpoint:
+    return offload_pb2.Endpoint(addr=ipaddress.ip_address(sockaddr[0]).packed, port=sockaddr[1])
+
+
+@dataclass(eq=False)
+class _AppConn:
+    sock: socket.socket
+    host: str
+    accepts: bool = False
+
+
+class StandInAgent:
+    """Per-host agent sockets in one thread; routes sockets between hosts by fd passing.
+
+    `targets` maps an OffloadRequest target ("ADDR:PORT") to the host name serving it.
+    """
+
+    def __init__(self, directory: Path, hosts: list[str], targets: dict[str, str]) -> None:
+        self.paths = {h: directory / f"agent-{h}.sock" for h in hosts}
+        self.targets = targets
+        self.refuse = False
+        self.handed_in: dict[str, int] = {h: 0 for h in hosts}
+        self.returned = 0
+        self.errors: list[str] = []
+        self._owners: dict[str, str] = {}
+        self._ids = itertools.count(1)
+        self._rr = itertools.count()
+        self._conns: list[_AppConn] = []
+        self._listeners: dict[socket.socket, str] = {}
+        self._sel = selectors.DefaultSelector()
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._loop, name="stand-in-agent", daemon=True)
+
+    def path(self, host: str) -> Path:
+        return self.paths[host]
+
+    def start(self) -> StandInAgent:
+        for host, path in self.paths.items():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            lsock.bind(str(path))
+            path.chmod(0o666)  # nginx workers run as nobody
+            lsock.listen(64)
+            self._listeners[lsock] = host
+            self._sel.register(lsock, selectors.EVENT_READ)
+        self._sel.register(self._stop_r, selectors.EVENT_READ)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            os.write(self._stop_w, b"x")
+            self._thread.join(STOP_TIMEOUT_S)
+        for lsock, host in self._listeners.items():
+            lsock.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.paths[host].unlink()
+        for conn in self._conns:
+            conn.sock.close()
+        self._sel.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+    def __enter__(self) -> StandInAgent:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            for key, _ in self._sel.select():
+                if key.fileobj == self._stop_r:
+                    return
+                if key.fileobj in self._listeners:
+                    sock, _ = key.fileobj.accept()  # type: ignore[union-attr]
+                    conn = _AppConn(sock, self._listeners[key.fileobj])  # type: ignore[index]
+                    self._conns.append(conn)
+                    self._sel.register(sock, selectors.EVENT_READ, conn)
+                    continue
+                conn = key.data
+                try:
+                    msg, fd = self._read_frame(conn.sock)
+                except (ConnectionError, ValueError) as e:
+                    self._drop(conn, str(e))
+                    continue
+                try:
+                    self._handle(conn, msg, fd)
+                except Exception as e:  # noqa: BLE001 - recorded and checked by the tests
+                    self.errors.append(f"{type(e).__name__}: {e}")
+
+    def _drop(self, conn: _AppConn, why: str) -> None:
+        if why != "closed":
+            self.errors.append(why)
+        self._sel.unregister(conn.sock)
+        conn.sock.close()
+        self._conns.remove(conn)
+
+    @staticmethod
+    def _recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            data, anc, _, _ = sock.recvmsg(n - len(buf), socket.CMSG_SPACE(4 * FD_SIZE))
+            if not data:
+                raise ConnectionError("closed")
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(raw[: len(raw) - len(raw) % FD_SIZE])
+                    fds.extend(arr)
+            buf += data
+        return buf
+
+    def _read_frame(self, sock: socket.socket) -> tuple[local_pb2.LocalMessage, int | None]:
+        fds: list[int] = []
+        (length,) = HEADER.unpack(self._recv_exact(sock, HEADER.size, fds))
+        body = self._recv_exact(sock, length, fds)
+        if len(fds) > 1:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError(f"frame carried {len(fds)} fds")
+        return local_pb2.LocalMessage.FromString(body), (fds[0] if fds else None)
+
+    @staticmethod
+    def _send(conn: _AppConn, msg: local_pb2.LocalMessage, fd: int | None = None) -> None:
+        body = msg.SerializeToString()
+        anc = []
+        if fd is not None:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+        conn.sock.sendmsg([HEADER.pack(len(body)) + body], anc)
+
+    def _accepting(self, host: str) -> _AppConn | None:
+        conns = [c for c in self._conns if c.host == host and c.accepts]
+        return conns[next(self._rr) % len(conns)] if conns else None
+
+    @staticmethod
+    def _flow(fd: int) -> offload_pb2.Flow:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            peer, local = s.getpeername(), s.getsockname()
+        return offload_pb2.Flow(client=_endpoint(peer), vip=_endpoint(local))
+
+    def _handle(self, conn: _AppConn, msg: local_pb2.LocalMessage, fd: int | None) -> None:
+        kind = msg.WhichOneof("body")
+        try:
+            if kind == "hello":
+                conn.accepts = msg.hello.accept_connections
+                self._send(
+                    conn,
+                    local_pb2.LocalMessage(
+                        hello_reply=local_pb2.HelloReply(ok=True, agent=f"stand-in-{conn.host}")
+                    ),
+                )
+            elif kind == "offload":
+                self._offload(conn, msg.offload, fd)
+            elif kind == "give_back":
+                self._give_back(conn, msg.give_back, fd)
+            else:
+                self.errors.append(f"unexpected {kind} from {conn.host}")
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _offload(self, conn: _AppConn, req: local_pb2.OffloadRequest, fd: int | None) -> None:
+        target_host = self.targets.get(req.target)
+        target = self._accepting(target_host) if target_host else None
+        if fd is None or target is None or self.refuse:
+            self._send(
+                conn,
+                local_pb2.LocalMessage(
+                    offload_result=local_pb2.OffloadResult(
+                        request_id=req.request_id,
+                        accepted=False,
+                        reason=offload_pb2.REFUSED,
+                        detail="stand-in refuses",
+                    )
+                ),
+            )
+            return
+        hid = f"{conn.host}-{next(self._ids)}"
+        self._owners[hid] = conn.host
+        self._send(
+            target,
+            local_pb2.LocalMessage(
+                handed_in=local_pb2.HandedIn(
+                    handoff_id=hid,
+                    flow=self._flow(fd),
+                    preread=req.preread,
+                    app_state=req.app_state,
+                )
+            ),
+            fd,
+        )
+        self.handed_in[target.host] += 1
+        self._send(
+            conn,
+            local_pb2.LocalMessage(
+                offload_result=local_pb2.OffloadResult(
+                    request_id=req.request_id, accepted=True, handoff_id=hid
+                )
+            ),
+        )
+
+    def _give_back(self, conn: _AppConn, gb: local_pb2.GiveBack, fd: int | None) -> None:
+        owner_host = self._owners.pop(gb.handoff_id, None)
+        owner = self._accepting(owner_host) if owner_host else None
+        ok = fd is not None and owner is not None
+        if ok:
+            self._send(
+                owner,
+                local_pb2.LocalMessage(
+                    returned=local_pb2.Returned(  # type: ignore[arg-type]
+                        handoff_id=gb.handoff_id,
+                        flow=self._flow(fd),
+                        reason=offload_pb2.DONE,  # type: ignore[arg-type]
+                        preread=gb.preread,
+                        app_state=gb.app_state,
+                    )
+                ),
+                fd,
+            )
+            self.returned += 1
+        self._send(
+            conn,
+            local_pb2.LocalMessage(
+                give_back_result=local_pb2.GiveBackResult(
+                    handoff_id=gb.handoff_id, ok=ok, detail="" if ok else "unknown handoff"
+                )
+            ),
+        )
+
+
+@contextlib.contextmanager
+def running(*servers: Nginx) -> Iterator[tuple[Nginx, ...]]:
+    """Start several nginx instances; stop all of them whatever happens."""
+    started: list[Nginx] = []
+    try:
+        for s in servers:
+            started.append(s.start())
+        yield servers
+    finally:
+        for s in started:
+            s.stop()
