@@ -383,9 +383,24 @@ def remove_lab(name: str) -> list[str]:
             removed.append(ns)
         elif (NETNS_DIR / ns).exists():
             raise LabError(f"cannot delete namespace {ns}: {p.stderr.strip()}")
+    _release_datapath_pins(removed)
     with contextlib.suppress(FileNotFoundError):
         (STATE_DIR / f"{name}.json").unlink()
     return removed
+
+
+def _release_datapath_pins(namespaces: list[str]) -> None:
+    """Datapath maps pinned for interfaces of deleted namespaces are orphans: unpin them (and
+    let the datapath unmount its bpffs when nothing else is pinned)."""
+    try:
+        from xo.datapath.program import PIN_ROOT, pin_lock, release_pin_dir
+    except ImportError:  # no BCC here: nothing can have been pinned
+        return
+    with pin_lock():
+        for ns in namespaces:
+            ns_dir = PIN_ROOT / ns
+            for pin_dir in sorted(ns_dir.iterdir()) if ns_dir.is_dir() else []:
+                release_pin_dir(pin_dir)
 
 
 def _owner_alive(name: str) -> bool:

@@ -533,3 +533,16 @@ def test_bad_input_is_rejected_clearly(lab: Lab, dp_f: Datapath, tmp_path: Path)
 def test_pins_live_under_the_xo_bpffs(dp_f: Datapath, lab: Lab) -> None:
     assert dp_f.pin_dir == PIN_ROOT / lab.frontends[0].netns / "eth0"
     assert sorted(p.name for p in dp_f.pin_dir.iterdir()) == ["counters", "flows", "stats"]
+
+
+def test_lab_down_releases_pins_of_a_datapath_never_detached() -> None:
+    """An agent killed without detach leaves pins; removing its lab must not leak them."""
+    lab = Lab(clients=1, frontends=0, backends=0).up()
+    try:
+        dp = Datapath.attach("eth0", netns=lab.clients[0].netns)
+        pin_dir = dp.pin_dir
+        dp.close()
+        assert (pin_dir / "flows").exists()
+    finally:
+        lab.down()
+    assert not pin_dir.exists() and not pin_dir.parent.exists()
