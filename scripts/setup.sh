@@ -72,5 +72,6 @@ fi
 .venv/bin/python -c 'import bcc, pyroute2, grpc, google.protobuf, boto3' \
   || { echo "setup.sh: the venv cannot import its dependencies" >&2; exit 1; }
 # nginx handoff module (integrations/nginx), rebuilt only when its sources change.
-log "nginx: $(integrations/nginx/build.sh)"
+nginx_module=$(integrations/nginx/build.sh)
+log "nginx: $nginx_module"
 log "ready: .venv/bin/xo"
