@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-datapath": ("xo.datapath.bench", "benchmark the eBPF flow table and a move's blackout"),
     "s3-gateway": ("xo.rgw.cmd_gateway", "run the S3 gateway (offloads large GETs to nodes)"),
     "s3-node": ("xo.rgw.cmd_node", "run an S3 storage node"),
+    "s3-bench": ("xo.rgw.cmd_bench", "S3 GET throughput in a lab: proxy vs offload"),
 }
 
 EPILOG = """examples:
