@@ -25,7 +25,7 @@ import boto3
 from botocore.config import Config
 
 from xo.lab import Lab
-from xo.rgw.labrun import ACCESS_KEY, SECRET_KEY, NODE_PORT, S3Deployment
+from xo.rgw.labrun import ACCESS_KEY, NODE_PORT, SECRET_KEY, S3Deployment
 from xo.rgw.node import API
 from xo.rgw.placement import rank
 
