@@ -19,6 +19,7 @@ a peer or `give_back` a handed-in one. Everything goes over the agent's unix soc
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import enum
 import itertools
 import os
@@ -188,6 +189,9 @@ class AgentClient:
         return conn
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._reader.join()
         self._sock.close()
         while not self.incoming.empty():
             c = self.incoming.get_nowait()

@@ -12,7 +12,9 @@ import sys
 # name -> (module, one-line help). Keep the public names of ARCHITECTURE.md stable.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("xo.demo", "run the live migration demo in a lab of network namespaces"),
+    "agent": ("xo.agent.command", "run this host's agent (offload protocol + local app API)"),
     "lab": ("xo.lab", "build or remove a lab of network namespaces (lab up|down|list)"),
+    "bench-tcp": ("xo.bench_tcp", "benchmark TCP capture/restore and the client's blackout"),
     "bench-datapath": ("xo.datapath.bench", "benchmark the eBPF flow table and a move's blackout"),
     "s3-gateway": ("xo.rgw.cmd_gateway", "run the S3 gateway (offloads large GETs to nodes)"),
     "s3-node": ("xo.rgw.cmd_node", "run an S3 storage node"),

@@ -47,6 +47,8 @@ TCPI_OPT_WSCALE = 4
 # enum tcp states (include/net/tcp_states.h; exposed in tcp_info.tcpi_state)
 TCP_ESTABLISHED = 1
 TCP_CLOSE = 7
+TCP_CLOSE_WAIT = 8
+TCP_LAST_ACK = 9
 
 # include/net/tcp.h (kernel-internal, but they bound what the uapi accepts)
 TCP_MIN_MSS = 88  # smallest MSS the kernel accepts

@@ -7,7 +7,9 @@ silently disable a setting):
     interface = "eth0"               # the NIC the TC programs attach to
     listen = "198.18.0.3:7000"       # gRPC (mutual TLS)
     vips = ["198.18.0.100"]          # addresses this host owns client flows on (may be empty)
-    pin_dir = "/sys/fs/bpf/xo-b0"    # optional: where the datapath pins its maps
+    netns = "lab-b0"                 # optional: run in this network namespace (/run/netns)
+    pin_dir = "/run/xo/bpffs/b0"     # optional: where the datapath pins its maps
+    handoff_timeout_ms = 1000        # optional: owner gives up on a Handoff reply after this
 
     [handoff]                        # where restored (handed-in) sockets bind on this host
     addresses = ["198.18.0.3"]
@@ -43,6 +45,8 @@ from xo.flow import Endpoint, FlowError, IPAddress
 from xo.pki import TlsFiles
 
 DEFAULT_SOCKET_MODE = 0o660
+# A Handoff is a few hundred µs on a LAN; a second means the target is gone or overloaded.
+DEFAULT_HANDOFF_TIMEOUT_MS = 1000
 MIN_PORT = 1
 MAX_PORT = 65535
 
@@ -89,6 +93,8 @@ class AgentConfig:
     vips: tuple[IPAddress, ...] = ()
     peers: tuple[Peer, ...] = field(default_factory=tuple)
     pin_dir: Path | None = None
+    netns: str | None = None
+    handoff_timeout_ms: int = DEFAULT_HANDOFF_TIMEOUT_MS
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
@@ -209,12 +215,17 @@ def parse(data: dict[str, Any], base: Path) -> AgentConfig:
         pin_dir=(
             _path(p, base) if (p := _take(data, "pin_dir", str, "config", None)) else None
         ),
+        netns=_take(data, "netns", str, "config", None) or None,
+        handoff_timeout_ms=_take(data, "handoff_timeout_ms", int, "config",
+                                 DEFAULT_HANDOFF_TIMEOUT_MS),
         handoff=_handoff(dict(_take(data, "handoff", dict, "config"))),
         tls=_tls(dict(_take(data, "tls", dict, "config")), base),
         local=_local(dict(_take(data, "local", dict, "config")), base),
         peers=_peers(_take(data, "peers", list, "config", [])),
     )
     _no_extra(data, "config")
+    if cfg.handoff_timeout_ms <= 0:
+        raise ConfigError("config.handoff_timeout_ms: must be positive")
     if cfg.peer(cfg.name):
         raise ConfigError(f"peers: {cfg.name!r} lists itself")
     return cfg
@@ -248,6 +259,9 @@ def dumps(cfg: AgentConfig) -> str:
     }
     if cfg.pin_dir:
         top["pin_dir"] = cfg.pin_dir
+    if cfg.netns:
+        top["netns"] = cfg.netns
+    top["handoff_timeout_ms"] = cfg.handoff_timeout_ms
     lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
     addrs = _toml_value([str(a) for a in cfg.handoff.addresses])
     lines += ["", "[handoff]", f"addresses = {addrs}",

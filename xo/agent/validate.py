@@ -111,14 +111,14 @@ def describe(msg: Message) -> str:
     """Field names and sizes only: safe to log (state bytes and keys never appear)."""
     parts = []
     for fd, value in msg.ListFields():
-        if fd.message_type is not None and fd.label != fd.LABEL_REPEATED:
+        if fd.message_type is not None and not fd.is_repeated:
             if fd.message_type.name in ("Flow", "Endpoint"):
                 parts.append(f"{fd.name}={_endpoint_text(value)}")
             else:
                 parts.append(f"{fd.name}=<{value.ByteSize()} bytes>")
         elif isinstance(value, bytes):
             parts.append(f"{fd.name}=<{len(value)} bytes>")
-        elif fd.label == fd.LABEL_REPEATED:
+        elif fd.is_repeated:
             parts.append(f"{fd.name}=<{len(value)} items>")
         else:
             parts.append(f"{fd.name}={value!r}")

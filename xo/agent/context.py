@@ -1,0 +1,113 @@
+"""What the owner and target halves of an agent share: config, datapath, app links, peers.
+
+Also the two seams later issues plug into: `RuleQueue` (the hardware TC-flower tier, issue 5:
+queued after the eBPF redirect is in place, cancelled when the flow ends) and `TlsHooks`
+(kTLS capture/install, issue 6). Until they land the agent runs with NoRuleQueue and NoTls,
+which refuse connections that carry TLS state instead of silently dropping the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+from xo import uapi
+from xo.agent.config import AgentConfig
+from xo.agent.local import LocalServer
+from xo.agent.rpc import Channels
+from xo.datapath import Datapath, Redirect
+from xo.flow import FlowKey
+from xo.v1 import offload_pb2
+
+log = logging.getLogger("xo.agent")
+
+
+class RuleQueue(Protocol):
+    """The hardware tier: mirror an eBPF redirect as a NIC rule, asynchronously."""
+
+    def submit(self, flow: FlowKey, redirect: Redirect) -> None: ...
+
+    def cancel(self, flow: FlowKey) -> None: ...
+
+
+class NoRuleQueue:
+    """No hardware tier: the eBPF redirect serves every flow."""
+
+    def submit(self, flow: FlowKey, redirect: Redirect) -> None:
+        return None
+
+    def cancel(self, flow: FlowKey) -> None:
+        return None
+
+
+class TlsHooks(Protocol):
+    """kTLS: read a socket's session keys before capture, install them after restore."""
+
+    supported: bool
+
+    def capture(self, sock: socket.socket) -> offload_pb2.TlsState | None: ...
+
+    def install(self, sock: socket.socket, state: offload_pb2.TlsState) -> None: ...
+
+
+class NoTls:
+    """No kTLS: plain TCP sockets only; a socket with TLS state cannot be restored here."""
+
+    supported = False
+
+    def capture(self, sock: socket.socket) -> offload_pb2.TlsState | None:
+        return None
+
+    def install(self, sock: socket.socket, state: offload_pb2.TlsState) -> None:
+        raise NotImplementedError("this agent has no kTLS support")
+
+
+class PhaseTimer:
+    """Monotonic marks of one handoff's phases, in microseconds since the first mark."""
+
+    def __init__(self) -> None:
+        self._t0 = self._last = time.perf_counter_ns()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter_ns()
+        self.phases[phase] = (now - self._last) / 1000
+        self._last = now
+
+    @property
+    def total_us(self) -> float:
+        return (self._last - self._t0) / 1000
+
+
+@dataclass
+class Context:
+    cfg: AgentConfig
+    dp: Datapath
+    local: LocalServer
+    channels: Channels
+    rules: RuleQueue = field(default_factory=NoRuleQueue)
+    tls: TlsHooks = field(default_factory=NoTls)
+    timings: IO[str] | None = None
+
+    def record(self, kind: str, handoff_id: str, phases: dict[str, float]) -> None:
+        """Append one JSON line of phase timings (benchmarks read it); never state bytes."""
+        if self.timings is None:
+            return
+        line = {"agent": self.cfg.name, "kind": kind, "id": handoff_id, "us": phases}
+        self.timings.write(json.dumps(line) + "\n")
+        self.timings.flush()
+
+
+def open_timings(path: Path | None) -> IO[str] | None:
+    return path.open("a", encoding="utf-8") if path else None
+
+
+def tcp_state_of(sock: socket.socket) -> int:
+    """tcpi_state of a socket (uapi TCP_* state numbers)."""
+    info = sock.getsockopt(uapi.SOL_TCP, uapi.TCP_INFO, uapi.TCP_INFO_HEAD.size)
+    return uapi.TCP_INFO_HEAD.unpack(info)[0]

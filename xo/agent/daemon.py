@@ -1,0 +1,116 @@
+"""The agent daemon: one per host. Wires datapath, gRPC server, local app API and health.
+
+Start-up order matters for a restart: attach the datapath first (reusing pinned maps, so
+offloaded flows keep flowing while we were away), reconcile the owner's flows from them, and
+only then accept RPCs and apps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+import grpc.aio
+
+from xo.agent import rpc
+from xo.agent.config import AgentConfig
+from xo.agent.context import Context, open_timings
+from xo.agent.framing import Frame
+from xo.agent.local import AppConn, LocalServer
+from xo.agent.owner import Owner
+from xo.agent.service import OffloadService
+from xo.agent.target import Target
+from xo.datapath import Datapath
+from xo.v1 import local_pb2, offload_pb2_grpc
+
+log = logging.getLogger("xo.agent")
+SHUTDOWN_GRACE_S = 0.5
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, dp: Datapath, timings: Path | None = None) -> None:
+        self.cfg = cfg
+        self.dp = dp
+        self._timings_path = timings
+        self.ctx: Context | None = None
+        self.owner: Owner | None = None
+        self.target: Target | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        dp = self.dp
+        local = LocalServer(cfg.local, self._on_frame)
+        self.ctx = ctx = Context(cfg, dp, local, rpc.Channels(cfg),
+                                 timings=open_timings(self._timings_path))
+        self.owner, self.target = Owner(ctx), Target(ctx)
+        self.owner.reconcile()
+        server = grpc.aio.server(options=rpc.CHANNEL_OPTIONS)
+        offload_pb2_grpc.add_OffloadServicer_to_server(
+            OffloadService(ctx, self.owner, self.target), server)
+        server.add_secure_port(cfg.listen, rpc.server_credentials(cfg.tls))
+        await server.start()
+        self._server = server
+        local.start()
+        self._health = asyncio.get_running_loop().create_task(self.owner.health())
+        log.info("agent %s: gRPC on %s, apps on %s, datapath on %s%s", cfg.name, cfg.listen,
+                 cfg.local.path, cfg.interface, " (reattached)" if dp.reattached else "")
+
+    async def _on_frame(self, conn: AppConn, frame: Frame) -> None:
+        ctx, owner, target = self.ctx, self.owner, self.target
+        if ctx is None or owner is None or target is None:
+            return  # not started yet: the frame (and its fd) is closed by the caller
+        body = frame.msg.WhichOneof("body")
+        if body == "hello":
+            conn.app, conn.accepts = frame.msg.hello.app, frame.msg.hello.accept_connections
+            ok = bool(conn.app)
+            await conn.send(local_pb2.LocalMessage(hello_reply=local_pb2.HelloReply(
+                ok=ok, detail="" if ok else "an app needs a name", agent=self.cfg.name,
+                ktls=ctx.tls.supported)))
+        elif not conn.app:
+            log.warning("app connection sent %s before Hello: ignored", body)
+        elif body == "offload":
+            res = await owner.offload(conn, frame.msg.offload, frame.take_fd())
+            await conn.send(local_pb2.LocalMessage(offload_result=res))
+        elif body == "give_back":
+            gb = await target.give_back(conn, frame.msg.give_back, frame.take_fd())
+            await conn.send(local_pb2.LocalMessage(give_back_result=gb))
+        else:
+            log.warning("app %r sent unexpected %s: ignored", conn.app, body)
+
+    async def stop(self) -> None:
+        """Stop serving; the datapath (owned by the caller) keeps its pinned flows."""
+        if self._health is not None:
+            self._health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health
+        if self._server is not None:
+            await self._server.stop(SHUTDOWN_GRACE_S)
+        if self.ctx is None:
+            return
+        if self.target is not None:
+            self.target.close_all()
+        await self.ctx.local.close()
+        await self.ctx.channels.close()
+        if self.ctx.timings is not None:
+            self.ctx.timings.close()
+
+
+async def serve(cfg: AgentConfig, dp: Datapath, timings: Path | None = None) -> None:
+    """Run an agent until SIGTERM/SIGINT. The datapath is attached (and detached) outside the
+    event loop: pyroute2's synchronous API runs an event loop of its own."""
+    agent = Agent(cfg, dp, timings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    print(f"xo agent {cfg.name}: ready", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await agent.stop()

@@ -1,0 +1,280 @@
+"""The target (backend) half of an agent: take a handed-in connection, give it back at End.
+
+Handoff: check the target is one of our handoff addresses -> egress SNAT (before the restore,
+whose window probe must already leave as VIP:vport or the client answers it with an RST) ->
+restore bound to target address:port -> reply with our MAC. The socket reaches the app only at
+Ready (the owner's redirect is in place), after a window probe so an idle client answers now;
+a Ready that never comes means the owner kept the flow: the copy is dropped silently.
+
+Give back: ESTABLISHED -> block, capture, End(DONE); the client closed (CLOSE_WAIT) -> finish
+the close through the still-installed rules, then End(CLIENT_CLOSED); reset -> End(CLIENT_RESET).
+On an End the owner refuses or never answers, the app keeps the socket (repair off, unblock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+
+import xo.tcp
+from xo import uapi
+from xo.agent import validate
+from xo.agent.config import Peer
+from xo.agent.context import Context, PhaseTimer, tcp_state_of
+from xo.agent.local import AppConn, NoApp
+from xo.agent.machine import Event, Machine, State, StateError
+from xo.agent.validate import ProtocolError
+from xo.datapath import DatapathError
+from xo.datapath.layout import parse_mac
+from xo.flow import FlowKey
+from xo.freeze import inbound_flow
+from xo.v1 import local_pb2, offload_pb2
+
+log = logging.getLogger("xo.agent.target")
+
+# The owner sends Ready right after its redirect; seconds without it mean it gave up.
+READY_DEADLINE_S = 3.0
+END_TIMEOUT_S = 1.0
+# How long a client-closed connection may take to finish its close (our FIN, its ACK).
+CLOSE_WAIT_S = 2.0
+CLOSE_POLL_S = 0.002
+
+
+@dataclass
+class HostedFlow:
+    handoff_id: str
+    owner: Peer
+    flow: FlowKey  # as the owner sees it: client -> VIP:vport
+    local: FlowKey  # as we see it: client -> our handoff address:port
+    app: str
+    preread: bytes = field(repr=False)
+    app_state: bytes = field(repr=False)
+    sock: socket.socket | None = None
+    machine: Machine = field(default_factory=Machine.target)
+    expiry: asyncio.TimerHandle | None = None
+
+
+def _refuse(reason: offload_pb2.Reason, detail: str) -> offload_pb2.HandoffReply:
+    log.info("handoff refused: %s", detail)
+    return offload_pb2.HandoffReply(accepted=False, reason=reason, detail=detail)
+
+
+class Target:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.flows: dict[tuple[str, str], HostedFlow] = {}
+
+    # --- handoff ---------------------------------------------------------------------------
+    def handoff(self, peer: Peer, req: offload_pb2.HandoffRequest) -> offload_pb2.HandoffReply:
+        timer = PhaseTimer()
+        try:
+            hid, key, target = validate.handoff(req)
+        except ProtocolError as e:
+            return _refuse(offload_pb2.Reason(e.reason), e.detail)
+        if not self.ctx.cfg.handoff.contains(target):
+            return _refuse(offload_pb2.REFUSED, f"{target} is not one of our handoff addresses")
+        app = req.app
+        try:
+            self.ctx.local.pick(app)
+        except NoApp as e:
+            return _refuse(offload_pb2.REFUSED, str(e))
+        if (peer.name, hid) in self.flows:
+            return _refuse(offload_pb2.REFUSED, f"handoff {hid} already taken")
+        if req.HasField("tls") and not self.ctx.tls.supported:
+            return _refuse(offload_pb2.UNSUPPORTED, "kTLS state but no kTLS on this host")
+        try:
+            state = xo.tcp.TcpState.from_proto(req.tcp)
+        except (xo.tcp.TcpError, ValueError) as e:
+            return _refuse(offload_pb2.REFUSED, f"bad tcp state: {e}")
+        local = FlowKey(key.client, target)
+        rec = HostedFlow(hid, peer, key, local, app, req.preread, req.app_state)
+        dp = self.ctx.dp
+        try:
+            dp.snat(local, key.vip)
+        except DatapathError as e:
+            return _refuse(offload_pb2.INTERNAL, f"source rewrite failed: {e}")
+        timer.mark("snat")
+        try:
+            sock = xo.tcp.restore(state, local=target)
+            if req.HasField("tls"):
+                self.ctx.tls.install(sock, req.tls)
+        except xo.tcp.AddressInUseError as e:
+            dp.remove(local)
+            return _refuse(offload_pb2.REFUSED, f"restore: {e}")
+        except (xo.tcp.TcpError, OSError, NotImplementedError) as e:
+            dp.remove(local)
+            return _refuse(offload_pb2.INTERNAL, f"restore: {e}")
+        timer.mark("restore")
+        rec.sock = sock
+        rec.machine.advance(Event.RESTORED)
+        self.flows[(peer.name, hid)] = rec
+        rec.expiry = asyncio.get_running_loop().call_later(
+            READY_DEADLINE_S, self._expire, peer.name, hid)
+        self.ctx.record("handoff", hid, timer.phases)
+        return offload_pb2.HandoffReply(accepted=True, target_mac=parse_mac(dp.mac))
+
+    def _expire(self, owner: str, hid: str) -> None:
+        rec = self.flows.get((owner, hid))
+        if rec is None or rec.machine.state != State.RESTORED:
+            return
+        log.warning("no Ready for %s from %s: dropping the restored copy", hid, owner)
+        rec.machine.advance(Event.EXPIRED)
+        if rec.sock is not None:
+            xo.tcp.release(rec.sock)
+        self.ctx.dp.remove(rec.local)
+        del self.flows[(owner, hid)]
+
+    # --- ready -----------------------------------------------------------------------------
+    async def ready(self, peer: Peer, req: offload_pb2.ReadyRequest) -> offload_pb2.ReadyReply:
+        try:
+            hid = validate.handoff_id(req.handoff_id)
+        except ProtocolError as e:
+            return offload_pb2.ReadyReply(ok=False, detail=e.detail)
+        rec = self.flows.get((peer.name, hid))
+        if rec is None or rec.sock is None:
+            return offload_pb2.ReadyReply(ok=False, detail=f"no handoff {hid}")
+        try:
+            rec.machine.advance(Event.READY)
+        except StateError as e:
+            return offload_pb2.ReadyReply(ok=False, detail=str(e))
+        if rec.expiry is not None:
+            rec.expiry.cancel()
+        sock, rec.sock = rec.sock, None
+        with contextlib.suppress(xo.tcp.TcpError):
+            xo.tcp.nudge(sock)
+        msg = local_pb2.LocalMessage(handed_in=local_pb2.HandedIn(
+            handoff_id=hid, flow=rec.flow.to_proto(), preread=rec.preread,
+            app_state=rec.app_state))
+        try:
+            await self.ctx.local.pick(rec.app).send(msg, sock.fileno())
+        except (NoApp, OSError) as e:
+            # The app went away between Handoff and Ready: give the flow straight back.
+            log.error("handoff %s: app %r gone (%s): returning the flow", hid, rec.app, e)
+            await self._give_back(rec, sock, b"", b"")
+            return offload_pb2.ReadyReply(ok=True, detail="returned at once: app gone")
+        finally:
+            sock.close()
+        return offload_pb2.ReadyReply(ok=True)
+
+    # --- give back -------------------------------------------------------------------------
+    async def give_back(self, conn: AppConn, msg: local_pb2.GiveBack,
+                        fd: int | None) -> local_pb2.GiveBackResult:
+        result = local_pb2.GiveBackResult(handoff_id=msg.handoff_id)
+        if fd is None:
+            result.detail = "no socket came with the give back"
+            return result
+        sock = socket.socket(fileno=fd)
+        try:
+            rec = self._find(msg.handoff_id, sock)
+            if rec is None:
+                result.detail = f"no handed-in connection {msg.handoff_id!r} with this socket"
+                return result
+            try:
+                validate.blob(msg.preread, "preread")
+                validate.blob(msg.app_state, "app_state")
+            except ProtocolError as e:
+                result.detail = e.detail
+                return result
+            result.ok, result.detail = await self._give_back(rec, sock, msg.preread,
+                                                             msg.app_state)
+            return result
+        finally:
+            sock.close()
+
+    def _find(self, hid: str, sock: socket.socket) -> HostedFlow | None:
+        try:
+            key = inbound_flow(sock)
+        except (OSError, ValueError):
+            return None
+        for (_, h), rec in self.flows.items():
+            if h == hid and rec.local == key:
+                return rec
+        return None
+
+    async def _give_back(self, rec: HostedFlow, sock: socket.socket, preread: bytes,
+                         app_state: bytes) -> tuple[bool, str]:
+        try:
+            rec.machine.advance(Event.BLOCK)
+        except StateError as e:
+            return False, str(e)
+        state = tcp_state_of(sock)
+        if state == uapi.TCP_ESTABLISHED:
+            return await self._return_live(rec, sock, preread, app_state)
+        reason = offload_pb2.CLIENT_RESET
+        if state == uapi.TCP_CLOSE_WAIT:
+            reason = offload_pb2.CLIENT_CLOSED
+            await self._finish_close(sock)
+        end = offload_pb2.EndRequest(handoff_id=rec.handoff_id, flow=rec.flow.to_proto(),
+                                     reason=reason)
+        ok, detail = await self._send_end(rec, end)
+        if not ok:
+            log.warning("end of closed flow %s not confirmed: %s", rec.flow, detail)
+        self._forget(rec, Event.CLOSED)
+        return True, ""
+
+    async def _finish_close(self, sock: socket.socket) -> None:
+        """Send our FIN and wait for the client's ACK while both rules still route it."""
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_WAIT_S
+        while loop.time() < deadline and tcp_state_of(sock) == uapi.TCP_LAST_ACK:
+            await asyncio.sleep(CLOSE_POLL_S)
+
+    async def _return_live(self, rec: HostedFlow, sock: socket.socket, preread: bytes,
+                           app_state: bytes) -> tuple[bool, str]:
+        timer = PhaseTimer()
+        dp = self.ctx.dp
+        dp.block(rec.local)
+        timer.mark("block")
+        try:
+            state = xo.tcp.capture(sock)
+            tls = self.ctx.tls.capture(sock)
+        except (xo.tcp.TcpError, OSError) as e:
+            dp.unblock(rec.local)
+            rec.machine.advance(Event.FAILED)
+            return False, f"capture failed: {e}"
+        timer.mark("capture")
+        end = offload_pb2.EndRequest(handoff_id=rec.handoff_id, flow=rec.flow.to_proto(),
+                                     reason=offload_pb2.DONE, tcp=state.to_proto(),
+                                     preread=preread, app_state=app_state)
+        if tls is not None:
+            end.tls.CopyFrom(tls)
+        ok, detail = await self._send_end(rec, end)
+        timer.mark("end_rpc")
+        if not ok:
+            xo.tcp.resume(sock)
+            dp.unblock(rec.local)
+            rec.machine.advance(Event.FAILED)
+            return False, f"owner did not take the connection back: {detail}"
+        xo.tcp.release(sock)
+        self._forget(rec, Event.ENDED)
+        timer.mark("release")
+        self.ctx.record("give_back", rec.handoff_id, timer.phases)
+        return True, ""
+
+    async def _send_end(self, rec: HostedFlow, end: offload_pb2.EndRequest) -> tuple[bool, str]:
+        try:
+            reply = await self.ctx.channels.stub(rec.owner).End(end, timeout=END_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            return False, f"{e.code().name}: {e.details()}"
+        return reply.ok, reply.detail
+
+    def _forget(self, rec: HostedFlow, event: Event) -> None:
+        rec.machine.advance(event)
+        self.ctx.dp.remove(rec.local)
+        self.flows.pop((rec.owner.name, rec.handoff_id), None)
+
+    def close_all(self) -> None:
+        """Shutdown: drop restored copies never handed to an app, and their rules."""
+        for rec in list(self.flows.values()):
+            if rec.sock is not None:
+                xo.tcp.release(rec.sock)
+            self.ctx.dp.remove(rec.local)
+        self.flows.clear()
