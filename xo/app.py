@@ -19,7 +19,6 @@ a peer or `give_back` a handed-in one. Everything goes over the agent's unix soc
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import enum
 import itertools
 import os
