@@ -167,6 +167,10 @@ def _go_live(sock: socket.socket, unsent: bytes, probe: bool) -> None:
     off = uapi.TCP_REPAIR_OFF if probe else uapi.TCP_REPAIR_OFF_NO_WP
     try:
         sock.setsockopt(uapi.SOL_TCP, uapi.TCP_REPAIR, off)
+        # Like a socket accepted from an SO_REUSEADDR listener: without it, this connection
+        # (and its TIME_WAIT) would block a later listener bind on the port. Only now:
+        # before repair-off it would clobber the forced reuse that let bind() succeed.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     except OSError as e:
         raise _fail("TCP_REPAIR off", e) from None
     view = memoryview(unsent)
@@ -220,7 +224,10 @@ def nudge(sock: socket.socket) -> None:
     (1 s for a restored socket, which has no RTT estimate). Repair on+off does it.
     """
     try:
+        # Repair on/off resets SO_REUSEADDR (to "force", then "no"): keep the caller's.
+        reuse = sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
         sock.setsockopt(uapi.SOL_TCP, uapi.TCP_REPAIR, uapi.TCP_REPAIR_ON)
         sock.setsockopt(uapi.SOL_TCP, uapi.TCP_REPAIR, uapi.TCP_REPAIR_OFF)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
     except OSError as e:
         raise _fail("window probe (repair on/off)", e) from None
