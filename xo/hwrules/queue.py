@@ -1,0 +1,254 @@
+"""The hardware rule queue: flower rules issued in order by one worker, cancellable until issued.
+
+Why a queue: a flower insert takes milliseconds (tens on real NICs) and cannot be cancelled
+once the request is on the socket, while the eBPF map entry that serves the flow meanwhile
+costs microseconds. So the agent puts the eBPF rule in first, then `submit()`s the flow's
+flower rule here and moves on. A worker thread issues requests one at a time, in order:
+
+    queued -> issuing -> in_hw | in_sw | failed          (end while queued -> cancelled)
+    in_hw | in_sw -> removing -> removed                 (end after the rule is in)
+    issuing + end -> (the add completes) -> removing -> removed
+
+A flow that ends while its rule is still queued is cancelled without touching the kernel; one
+that ends while its request is in flight is deleted right after the request returns, so no rule
+outlives its flow. Where the kernel or NIC cannot take flower rules at all, the reason is
+logged once, later rules fail at once (counted), and the flows keep working on eBPF.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from xo.flow import FlowKey
+from xo.hwrules.policy import SizePolicy
+from xo.hwrules.rules import FlowerRule
+from xo.hwrules.transport import RuleRejected, Transport
+
+log = logging.getLogger(__name__)
+
+MAX_HANDLE = 0xFFFFFFFF  # flower handles are u32, 0 means "kernel picks"
+
+
+class RuleState(enum.Enum):
+    QUEUED = "queued"
+    ISSUING = "issuing"
+    IN_HW = "in_hw"
+    IN_SW = "in_sw"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    REMOVING = "removing"
+    REMOVED = "removed"
+
+
+FINAL = {RuleState.FAILED, RuleState.CANCELLED, RuleState.REMOVED}
+INSTALLED = {RuleState.IN_HW, RuleState.IN_SW}
+
+
+class QueueClosed(RuntimeError):
+    """submit() after close()."""
+
+
+@dataclass
+class Ticket:
+    """One flow's hardware rule as the queue tracks it."""
+
+    rule: FlowerRule
+    state: RuleState = RuleState.QUEUED
+    reason: str = ""
+    ending: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+Listener = Callable[[FlowKey, RuleState, str], None]
+
+
+class HwRuleQueue:
+    """Queue of flower rules for one transport (one netns), drained by one worker thread."""
+
+    def __init__(self, transport: Transport, policy: SizePolicy | None = None,
+                 listener: Listener | None = None) -> None:
+        self.transport = transport
+        self.policy = policy or SizePolicy()
+        self.listener = listener
+        self.unsupported_reason = ""
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._tickets: dict[FlowKey, Ticket] = {}
+        self._work: collections.deque[tuple[str, Ticket]] = collections.deque()
+        self._cond = threading.Condition()
+        self._handles = itertools.count(1)
+        self._closing = False
+        self._worker = threading.Thread(target=self._run, name="xo-hwrules", daemon=True)
+        self._worker.start()
+
+    # --- the agent's side -----------------------------------------------------------------
+    def submit(self, rule: FlowerRule, size: int | None = None) -> Ticket | None:
+        """Queue the flow's rule if the policy wants it (None if not). One rule per flow."""
+        if not self.policy.wants(size):
+            self.counts["skipped"] += 1
+            return None
+        with self._cond:
+            if self._closing:
+                raise QueueClosed("the hardware rule queue is closed")
+            old = self._tickets.get(rule.flow)
+            if old is not None and old.state not in FINAL:
+                raise ValueError(
+                    f"flow {rule.flow} already has a hardware rule ({old.state.value})")
+            ticket = Ticket(rule.with_handle(self._next_handle()))
+            self._tickets[rule.flow] = ticket
+            self.counts["queued"] += 1
+            self._work.append(("add", ticket))
+            self._cond.notify()
+        self._notify(ticket)
+        return ticket
+
+    def end(self, flow: FlowKey, wait: bool = False, timeout: float | None = None) -> RuleState:
+        """The flow ended: cancel its rule if still queued, else have the worker delete it.
+
+        Returns the state reached (with wait=True: a final one, unless the timeout expired).
+        """
+        with self._cond:
+            ticket = self._tickets.get(flow)
+            if ticket is None:
+                raise KeyError(f"no hardware rule for flow {flow}")
+            cancelled = ticket.state is RuleState.QUEUED
+            if cancelled:
+                self._work.remove(("add", ticket))
+                self._finish(ticket, RuleState.CANCELLED, "flow ended before the rule was issued")
+                self.counts["cancelled"] += 1
+            elif ticket.state is RuleState.ISSUING:
+                ticket.ending = True  # the worker deletes it when the add returns
+            elif ticket.state in INSTALLED:
+                ticket.state = RuleState.REMOVING
+                self._work.append(("delete", ticket))
+                self._cond.notify()
+            state = ticket.state
+        if cancelled:
+            self._notify(ticket)
+        if wait:
+            ticket.done.wait(timeout)
+        return ticket.state if wait else state
+
+    def state(self, flow: FlowKey) -> RuleState | None:
+        with self._cond:
+            ticket = self._tickets.get(flow)
+            return ticket.state if ticket else None
+
+    def forget(self, flow: FlowKey) -> None:
+        """Drop a finished ticket (the agent calls this once the flow is gone)."""
+        with self._cond:
+            ticket = self._tickets.get(flow)
+            if ticket is not None and ticket.state in FINAL:
+                del self._tickets[flow]
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until no work is queued or in flight; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._work and not self._busy, timeout)
+
+    def close(self, remove_installed: bool = True, timeout: float | None = None) -> None:
+        """Stop the worker; queued rules are cancelled, installed ones deleted (by default)."""
+        with self._cond:
+            if self._closing:
+                return
+            for op, ticket in list(self._work):
+                if op == "add":
+                    self._work.remove((op, ticket))
+                    self._finish(ticket, RuleState.CANCELLED, "queue closed")
+                    self.counts["cancelled"] += 1
+            if remove_installed:
+                for ticket in self._tickets.values():
+                    if ticket.state in INSTALLED:
+                        ticket.state = RuleState.REMOVING
+                        self._work.append(("delete", ticket))
+                    elif ticket.state is RuleState.ISSUING:
+                        ticket.ending = True
+            self._closing = True
+            self._cond.notify_all()
+        self._worker.join(timeout)
+        self.transport.close()
+
+    # --- the worker -------------------------------------------------------------------------
+    _busy = False
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._work or self._closing)
+                if not self._work:
+                    return
+                op, ticket = self._work.popleft()
+                self._busy = True
+                if op == "add":
+                    ticket.state = RuleState.ISSUING
+            self._notify(ticket)
+            try:
+                if op == "add":
+                    self._add(ticket)
+                else:
+                    self._delete(ticket)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _add(self, ticket: Ticket) -> None:
+        if self.unsupported_reason:
+            self._failed(ticket, self.unsupported_reason)
+            return
+        try:
+            placed = self.transport.add(ticket.rule)
+        except RuleRejected as e:
+            if e.unsupported and not self.unsupported_reason:
+                self.unsupported_reason = str(e)
+                log.warning("hardware rules disabled, flows stay on eBPF: %s", e)
+            self._failed(ticket, str(e))
+            return
+        state = RuleState.IN_HW if placed.in_hw else RuleState.IN_SW
+        self.counts[state.value] += 1
+        with self._cond:
+            ending = ticket.ending
+            ticket.state = RuleState.REMOVING if ending else state
+        self._notify(ticket)
+        if ending:
+            self._delete(ticket)
+
+    def _delete(self, ticket: Ticket) -> None:
+        try:
+            self.transport.delete(ticket.rule)
+        except RuleRejected as e:
+            self.counts["delete_failed"] += 1
+            log.warning("hardware rule delete failed: %s", e)
+            with self._cond:
+                self._finish(ticket, RuleState.FAILED, str(e))
+        else:
+            self.counts["removed"] += 1
+            with self._cond:
+                self._finish(ticket, RuleState.REMOVED, "")
+        self._notify(ticket)
+
+    def _failed(self, ticket: Ticket, reason: str) -> None:
+        self.counts["failed"] += 1
+        with self._cond:
+            self._finish(ticket, RuleState.FAILED, reason)
+        self._notify(ticket)
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _finish(self, ticket: Ticket, state: RuleState, reason: str) -> None:
+        ticket.state, ticket.reason = state, reason
+        ticket.done.set()
+
+    def _next_handle(self) -> int:
+        return (next(self._handles) - 1) % MAX_HANDLE + 1
+
+    def _notify(self, ticket: Ticket) -> None:
+        if self.listener is not None:
+            try:
+                self.listener(ticket.rule.flow, ticket.state, ticket.reason)
+            except Exception:  # a listener bug must not stop the worker
+                log.exception("hardware rule listener failed")
