@@ -161,24 +161,29 @@ def run_handover(lab: Lab, plan: Plan, on_event: Events | None = None) -> dict[s
     )  # fmt: skip
     try:
         _line(origin, "origin", "listening")
+        # Started now so that its interpreter start-up is not part of the frozen time.
+        target = b.popen(
+            [py, "-m", "xo.tcp.handover", "target", "--local",
+             _endpoint(b, plan.family, TARGET_PORT), *common],
+            stdin=subprocess.PIPE, **pipes,
+        )  # fmt: skip
         before = rst_counters([c, a, b])
         client = c.popen(
             [py, CLIENT_SCRIPT, addr(a, plan.family), str(ORIGIN_PORT), str(C2S_SEED),
              str(plan.client_sends), str(plan.s2c_total), *plan.client_args],
             **pipes,
         )  # fmt: skip
-        emit("connected", _line(client, "client", "connected"))
+        connected = _line(client, "client", "connected")
+        emit("connected", connected)
+        peer, cport = str(connected["local"][0]), int(connected["local"][1])
+        # The target's egress rewrite must exist before the restored socket sends anything.
+        install_target_snat(b, a, peer, cport, plan.family)
         progress = _forward_progress(client, emit) if "--progress" in plan.client_args else None
         captured = _line(origin, "origin capture", "captured")
         emit("captured", captured)
         state = TcpState.from_bytes(base64.b64decode(captured["state"]))
-        peer, cport = str(state.remote.ip), state.remote.port
-        install_target_snat(b, a, peer, cport, plan.family)
-        target = b.popen(
-            [py, "-m", "xo.tcp.handover", "target", "--local",
-             _endpoint(b, plan.family, TARGET_PORT), *common],
-            stdin=subprocess.PIPE, **pipes,
-        )  # fmt: skip
+        if (str(state.remote.ip), state.remote.port) != (peer, cport):
+            raise HandoverError(f"captured {state.remote}, the client is {peer}:{cport}")
         _send(target, json.dumps({"state": captured["state"], "app": captured["app"]}))
         restored = _line(target, "target restore", "restored")
         emit("restored", restored)

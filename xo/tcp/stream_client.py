@@ -68,7 +68,8 @@ def main() -> int:
             shut = True
         data = sock.recv(RECV_SIZE)
         now = time.monotonic()
-        max_gap = max(max_gap, now - last)
+        if received:  # gaps between data, not the wait for the server's first byte
+            max_gap = max(max_gap, now - last)
         last = now
         if not data:
             break
