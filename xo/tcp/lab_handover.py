@@ -194,9 +194,9 @@ def run_handover(lab: Lab, plan: Plan, on_event: Events | None = None) -> dict[s
         _send(target, "ready")
         done = _line(target, "target done", "done")
         report = _line(client, "client done", "done")
-        for p in (origin, target, client):
+        for name, p in (("origin", origin), ("target", target), ("client", client)):
             if p.wait(WAIT_S) != 0:
-                raise HandoverError(f"{p.args[4:6]} exited with {p.returncode}")
+                raise HandoverError(f"{name} exited with {p.returncode}")
         if progress:
             progress.join(WAIT_S)
         after = rst_counters([c, a, b])
