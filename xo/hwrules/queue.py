@@ -104,7 +104,6 @@ class HwRuleQueue:
             self.counts["queued"] += 1
             self._work.append(("add", ticket))
             self._cond.notify()
-        self._notify(ticket)
         return ticket
 
     def end(self, flow: FlowKey, wait: bool = False, timeout: float | None = None) -> RuleState:
@@ -129,7 +128,7 @@ class HwRuleQueue:
                 self._cond.notify()
             state = ticket.state
         if cancelled:
-            self._notify(ticket)
+            self._notify(ticket, RuleState.CANCELLED)
         if wait:
             ticket.done.wait(timeout)
         return ticket.state if wait else state
@@ -186,7 +185,8 @@ class HwRuleQueue:
                 self._busy = True
                 if op == "add":
                     ticket.state = RuleState.ISSUING
-            self._notify(ticket)
+                state = ticket.state
+            self._notify(ticket, state)
             try:
                 if op == "add":
                     self._add(ticket)
@@ -214,8 +214,9 @@ class HwRuleQueue:
         with self._cond:
             ending = ticket.ending
             ticket.state = RuleState.REMOVING if ending else state
-        self._notify(ticket)
+        self._notify(ticket, state)
         if ending:
+            self._notify(ticket, RuleState.REMOVING)
             self._delete(ticket)
 
     def _delete(self, ticket: Ticket) -> None:
@@ -226,17 +227,18 @@ class HwRuleQueue:
             log.warning("hardware rule delete failed: %s", e)
             with self._cond:
                 self._finish(ticket, RuleState.FAILED, str(e))
+            self._notify(ticket, RuleState.FAILED)
         else:
             self.counts["removed"] += 1
             with self._cond:
                 self._finish(ticket, RuleState.REMOVED, "")
-        self._notify(ticket)
+            self._notify(ticket, RuleState.REMOVED)
 
     def _failed(self, ticket: Ticket, reason: str) -> None:
         self.counts["failed"] += 1
         with self._cond:
             self._finish(ticket, RuleState.FAILED, reason)
-        self._notify(ticket)
+        self._notify(ticket, RuleState.FAILED)
 
     # --- helpers ------------------------------------------------------------------------------
     def _finish(self, ticket: Ticket, state: RuleState, reason: str) -> None:
@@ -246,9 +248,10 @@ class HwRuleQueue:
     def _next_handle(self) -> int:
         return (next(self._handles) - 1) % MAX_HANDLE + 1
 
-    def _notify(self, ticket: Ticket) -> None:
+    def _notify(self, ticket: Ticket, state: RuleState) -> None:
+        """Tell the listener (outside the lock: it may call back into the queue)."""
         if self.listener is not None:
             try:
-                self.listener(ticket.rule.flow, ticket.state, ticket.reason)
+                self.listener(ticket.rule.flow, state, ticket.reason)
             except Exception:  # a listener bug must not stop the worker
                 log.exception("hardware rule listener failed")
