@@ -63,9 +63,15 @@ def _force_buffer(sock: socket.socket, force_opt: int, read_opt: int, size: int)
         raise QueueTooLargeError(f"{name}: asked for {size} bytes, the kernel granted {granted}")
 
 
+def _sockaddr(ep: Endpoint) -> tuple[str, int]:
+    """Like Endpoint.sockaddr(), without ipaddress's slow int-to-text conversion."""
+    family = socket.AF_INET if ep.family == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, ep.ip.packed), ep.port
+
+
 def _bind(sock: socket.socket, local: Endpoint) -> None:
     try:
-        sock.bind(local.sockaddr())
+        sock.bind(_sockaddr(local))
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise AddressInUseError("bind", e.errno, f"{local} is taken") from None
@@ -78,7 +84,7 @@ def _bind(sock: socket.socket, local: Endpoint) -> None:
 
 def _connect(sock: socket.socket, local: Endpoint, remote: Endpoint) -> None:
     try:
-        sock.connect(remote.sockaddr())
+        sock.connect(_sockaddr(remote))
     except OSError as e:
         if e.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
             raise AddressInUseError(
