@@ -24,6 +24,7 @@ TCP_REPAIR_OPTIONS = 22
 TCP_TIMESTAMP = 24
 TCP_REPAIR_WINDOW = 29
 TCP_ULP = 31
+TCP_ULP_NAME_MAX = 16  # include/net/tcp.h: getsockopt(TCP_ULP) returns at most this
 
 TCP_REPAIR_ON = 1
 TCP_REPAIR_OFF = 0
@@ -83,6 +84,9 @@ IP_TRANSPARENT = 19
 # --- include/uapi/linux/tls.h ---------------------------------------------------------------
 TLS_TX = 1
 TLS_RX = 2
+# cmsg types at SOL_TLS: send a record of another content type / the type of a received one
+TLS_SET_RECORD_TYPE = 1
+TLS_GET_RECORD_TYPE = 2
 
 TLS_1_2_VERSION = 0x0303
 TLS_1_3_VERSION = 0x0304
