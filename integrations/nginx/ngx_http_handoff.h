@@ -38,9 +38,11 @@ typedef enum {
 typedef void (*xo_link_message_pt)(xo_local_msg_t *msg, ngx_socket_t fd);
 /* Called when the link goes down (fail every operation that waits for an answer). */
 typedef void (*xo_link_down_pt)(void);
+/* Operations still waiting for an answer; an exiting worker keeps its link until none. */
+typedef ngx_uint_t (*xo_link_busy_pt)(void);
 
 ngx_int_t xo_link_start(ngx_cycle_t *cycle, ngx_http_handoff_main_conf_t *hmcf,
-    xo_link_message_pt on_message, xo_link_down_pt on_down);
+    xo_link_message_pt on_message, xo_link_down_pt on_down, xo_link_busy_pt busy);
 void xo_link_stop(void);
 xo_link_state_e xo_link_state(void);
 /* Queues msg (with fd passed by SCM_RIGHTS unless -1); the caller keeps fd open until the

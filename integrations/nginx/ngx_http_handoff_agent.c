@@ -27,6 +27,7 @@ typedef struct {
     ngx_log_t                *log;
     xo_link_message_pt        on_message;
     xo_link_down_pt           on_down;
+    xo_link_busy_pt           busy;
     ngx_event_t               retry;
     ngx_queue_t               tx;
     u_char                    hdr[XO_FRAME_HEADER];
@@ -37,6 +38,7 @@ typedef struct {
     size_t                    body_cap;
     ngx_socket_t              rx_fd;
     ngx_uint_t                failures;
+    unsigned                  exiting:1;
 } xo_link_t;
 
 static xo_link_t  xo_link;
@@ -52,13 +54,14 @@ static ngx_int_t xo_link_flush(ngx_err_t *errp);
 
 ngx_int_t
 xo_link_start(ngx_cycle_t *cycle, ngx_http_handoff_main_conf_t *hmcf,
-    xo_link_message_pt on_message, xo_link_down_pt on_down)
+    xo_link_message_pt on_message, xo_link_down_pt on_down, xo_link_busy_pt busy)
 {
     ngx_memzero(&xo_link, sizeof(xo_link));
     xo_link.conf = hmcf;
     xo_link.log = cycle->log;
     xo_link.on_message = on_message;
     xo_link.on_down = on_down;
+    xo_link.busy = busy;
     xo_link.rx_fd = -1;
     ngx_queue_init(&xo_link.tx);
 
@@ -152,6 +155,8 @@ xo_link_connect(ngx_event_t *ev)
     c->read->log = xo_link.log;
     c->write->log = xo_link.log;
     c->write->ready = 1;
+    /* "idle": a worker that starts a graceful exit calls our read handler with c->close */
+    c->idle = 1;
     xo_link.c = c;
     xo_link.state = XO_LINK_HELLO;
     xo_link.hdr_got = 0;
@@ -332,6 +337,11 @@ xo_link_read_handler(ngx_event_t *rev)
         char            buf[CMSG_SPACE(XO_LINK_MAX_FDS * sizeof(int))];
     } cmsg;
 
+    if (xo_link.c->close) {
+        xo_link.c->close = 0;
+        xo_link.exiting = 1;
+    }
+
     while (xo_link.state != XO_LINK_DOWN) {
         if (xo_link.hdr_got == XO_FRAME_HEADER && xo_link.body_got == xo_link.body_len) {
             if (xo_link_dispatch() != NGX_OK) {
@@ -364,6 +374,11 @@ xo_link_read_handler(ngx_event_t *rev)
             }
             if (err == NGX_EAGAIN) {
                 rev->ready = 0;
+                if (xo_link.exiting && xo_link.hdr_got == 0 && !xo_link.busy()) {
+                    /* let the agent send connections to the new workers only */
+                    xo_link_stop();
+                    return;
+                }
                 if (ngx_handle_read_event(rev, 0) != NGX_OK) {
                     xo_link_fail("cannot watch the agent socket", 0);
                 }

@@ -117,7 +117,8 @@ ngx_http_handoff_listener_for(ngx_socket_t fd)
     wildcard = NULL;
     ls = ngx_cycle->listening.elts;
     for (i = 0; i < ngx_cycle->listening.nelts; i++) {
-        if (ls[i].handler != ngx_http_init_connection || ls[i].fd == (ngx_socket_t) -1
+        /* an exiting worker has closed its listening fds but still serves their servers */
+        if (ls[i].handler != ngx_http_init_connection
             || !ngx_http_handoff_same_port(ls[i].sockaddr, &local.sockaddr))
         {
             continue;

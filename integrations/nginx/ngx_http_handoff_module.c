@@ -86,6 +86,7 @@ static ngx_str_t  ngx_http_handoff_st_local = ngx_string("local");
 static ngx_str_t  ngx_http_handoff_st_out = ngx_string("out");
 static ngx_str_t  ngx_http_handoff_st_fallback = ngx_string("fallback");
 static ngx_str_t  ngx_http_handoff_st_in = ngx_string("in");
+static ngx_str_t  ngx_http_handoff_none = ngx_string("(none)");
 
 
 static ngx_command_t  ngx_http_handoff_commands[] = {
@@ -993,6 +994,14 @@ ngx_http_handoff_on_down(void)
 }
 
 
+static ngx_uint_t
+ngx_http_handoff_busy(void)
+{
+    return !ngx_queue_empty(&ngx_http_handoff_waiting)
+           || !ngx_queue_empty(&ngx_http_handoff_givebacks);
+}
+
+
 /* ---- set-up -------------------------------------------------------------------------- */
 
 static ngx_int_t
@@ -1075,7 +1084,16 @@ ngx_http_handoff_init_process(ngx_cycle_t *cycle)
     }
     ngx_http_handoff_in_listener4 = ngx_http_handoff_find_in_listener(cycle, AF_INET);
     ngx_http_handoff_in_listener6 = ngx_http_handoff_find_in_listener(cycle, AF_INET6);
-    return xo_link_start(cycle, hmcf, ngx_http_handoff_on_message, ngx_http_handoff_on_down);
+    if (ngx_http_handoff_in_listener4 || ngx_http_handoff_in_listener6) {
+        ngx_log_error(NGX_LOG_INFO, cycle->log, 0,
+                      "handoff: handed-in connections served by the server of %V and %V",
+                      ngx_http_handoff_in_listener4
+                      ? &ngx_http_handoff_in_listener4->addr_text : &ngx_http_handoff_none,
+                      ngx_http_handoff_in_listener6
+                      ? &ngx_http_handoff_in_listener6->addr_text : &ngx_http_handoff_none);
+    }
+    return xo_link_start(cycle, hmcf, ngx_http_handoff_on_message, ngx_http_handoff_on_down,
+                         ngx_http_handoff_busy);
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import contextlib
 import hashlib
+import http.client
 import ipaddress
 import itertools
 import os
@@ -25,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 
 from xo.lab import Host
@@ -37,6 +39,8 @@ FD_SIZE = array.array("i").itemsize
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 POLL_S = 0.02
+HTTP_PORT = 80
+HTTP_TIMEOUT_S = 10.0
 # Log levels that mean a bug in the module (or nginx) when they appear in error.log.
 BAD_LOG_LEVELS = ("[alert]", "[crit]", "[emerg]")
 
@@ -288,9 +292,14 @@ class StandInAgent:
                     self._sel.register(sock, selectors.EVENT_READ, conn)
                     continue
                 conn = key.data
+                if conn not in self._conns:  # dropped earlier in this batch
+                    continue
                 try:
                     msg, fd = self._read_frame(conn.sock)
-                except (ConnectionError, ValueError) as e:
+                except ConnectionError:  # the worker exited (or reloaded)
+                    self._drop(conn, "closed")
+                    continue
+                except (OSError, ValueError) as e:
                     self._drop(conn, str(e))
                     continue
                 try:
@@ -299,6 +308,8 @@ class StandInAgent:
                     self.errors.append(f"{type(e).__name__}: {e}")
 
     def _drop(self, conn: _AppConn, why: str) -> None:
+        if conn not in self._conns:
+            return
         if why != "closed":
             self.errors.append(why)
         self._sel.unregister(conn.sock)
@@ -338,9 +349,17 @@ class StandInAgent:
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
         conn.sock.sendmsg([HEADER.pack(len(body)) + body], anc)
 
-    def _accepting(self, host: str) -> _AppConn | None:
-        conns = [c for c in self._conns if c.host == host and c.accepts]
-        return conns[next(self._rr) % len(conns)] if conns else None
+    def _deliver(self, host: str, msg: local_pb2.LocalMessage, fd: int) -> str | None:
+        """Send msg + fd to one accepting connection of host (round robin), skipping ones that
+        went away (an exiting nginx worker); returns the host or None."""
+        while conns := [c for c in self._conns if c.host == host and c.accepts]:
+            conn = conns[next(self._rr) % len(conns)]
+            try:
+                self._send(conn, msg, fd)
+                return host
+            except OSError:
+                self._drop(conn, "closed")
+        return None
 
     @staticmethod
     def _flow(fd: int) -> offload_pb2.Flow:
@@ -371,71 +390,108 @@ class StandInAgent:
 
     def _offload(self, conn: _AppConn, req: local_pb2.OffloadRequest, fd: int | None) -> None:
         target_host = self.targets.get(req.target)
-        target = self._accepting(target_host) if target_host else None
-        if fd is None or target is None or self.refuse:
-            self._send(
-                conn,
-                local_pb2.LocalMessage(
-                    offload_result=local_pb2.OffloadResult(
-                        request_id=req.request_id,
-                        accepted=False,
-                        reason=offload_pb2.REFUSED,
-                        detail="stand-in refuses",
-                    )
-                ),
-            )
-            return
         hid = f"{conn.host}-{next(self._ids)}"
-        self._owners[hid] = conn.host
-        self._send(
-            target,
-            local_pb2.LocalMessage(
-                handed_in=local_pb2.HandedIn(
-                    handoff_id=hid,
-                    flow=self._flow(fd),
-                    preread=req.preread,
-                    app_state=req.app_state,
-                )
-            ),
-            fd,
+        delivered = None
+        if fd is not None and target_host is not None and not self.refuse:
+            handed_in = local_pb2.HandedIn(
+                handoff_id=hid, flow=self._flow(fd), preread=req.preread, app_state=req.app_state
+            )
+            delivered = self._deliver(target_host, local_pb2.LocalMessage(handed_in=handed_in), fd)
+        if delivered:
+            self._owners[hid] = conn.host
+            self.handed_in[delivered] += 1
+        result = local_pb2.OffloadResult(
+            request_id=req.request_id,
+            accepted=delivered is not None,
+            handoff_id=hid if delivered else "",
+            reason=offload_pb2.REASON_UNSPECIFIED if delivered else offload_pb2.REFUSED,
         )
-        self.handed_in[target.host] += 1
-        self._send(
-            conn,
-            local_pb2.LocalMessage(
-                offload_result=local_pb2.OffloadResult(
-                    request_id=req.request_id, accepted=True, handoff_id=hid
-                )
-            ),
-        )
+        self._send(conn, local_pb2.LocalMessage(offload_result=result))
 
     def _give_back(self, conn: _AppConn, gb: local_pb2.GiveBack, fd: int | None) -> None:
-        owner_host = self._owners.pop(gb.handoff_id, None)
-        owner = self._accepting(owner_host) if owner_host else None
-        ok = fd is not None and owner is not None
-        if ok:
-            self._send(
-                owner,
-                local_pb2.LocalMessage(
-                    returned=local_pb2.Returned(  # type: ignore[arg-type]
-                        handoff_id=gb.handoff_id,
-                        flow=self._flow(fd),
-                        reason=offload_pb2.DONE,  # type: ignore[arg-type]
-                        preread=gb.preread,
-                        app_state=gb.app_state,
-                    )
-                ),
-                fd,
+        owner = self._owners.get(gb.handoff_id)
+        ok = False
+        if fd is not None and owner is not None:
+            returned = local_pb2.Returned(
+                handoff_id=gb.handoff_id,
+                flow=self._flow(fd),
+                reason=offload_pb2.DONE,
+                preread=gb.preread,
+                app_state=gb.app_state,
             )
+            ok = self._deliver(owner, local_pb2.LocalMessage(returned=returned), fd) is not None
+        if ok:
+            del self._owners[gb.handoff_id]
             self.returned += 1
-        self._send(
-            conn,
-            local_pb2.LocalMessage(
-                give_back_result=local_pb2.GiveBackResult(
-                    handoff_id=gb.handoff_id, ok=ok, detail="" if ok else "unknown handoff"
-                )
-            ),
+        result = local_pb2.GiveBackResult(
+            handoff_id=gb.handoff_id, ok=ok, detail="" if ok else "owner not reachable"
         )
+        self._send(conn, local_pb2.LocalMessage(give_back_result=result))
+
+
+class _NetnsHTTPConnection(http.client.HTTPConnection):
+    """http.client whose sockets are created inside a lab host."""
+
+    def __init__(self, host: Host, addr: str, port: int) -> None:
+        super().__init__(addr, port, timeout=HTTP_TIMEOUT_S)
+        self._ns = host
+
+    def connect(self) -> None:
+        with self._ns.enter():
+            super().connect()
+
+
+@dataclass
+class Traffic:
+    """Outcome of keepalive_traffic: `retried` counts requests that found their keep-alive
+    connection closed by the server before any response byte (what HTTP clients retry);
+    `losses` are failures after the response began, or wrong bodies."""
+
+    ok: int = 0
+    retried: int = 0
+    losses: list[str] = field(default_factory=list)
+
+
+def keepalive_traffic(
+    host: Host, addr: str, path: str, expect: tuple[int, str], seconds: float, connections: int
+) -> Traffic:
+    """GET path over `connections` persistent connections for `seconds`, checking every body."""
+    result = Traffic()
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+
+    def worker() -> None:
+        conn = _NetnsHTTPConnection(host, addr, HTTP_PORT)
+        while time.monotonic() < end:
+            try:
+                conn.request("GET", path)
+                resp = conn.getresponse()
+            except OSError:  # includes RemoteDisconnected: no response byte arrived
+                conn.close()
+                with lock:
+                    result.retried += 1
+                continue
+            try:
+                body = resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                with lock:
+                    result.losses.append(f"mid-response: {e!r}")
+                continue
+            got = (len(body), hashlib.sha256(body).hexdigest())
+            with lock:
+                if resp.status == HTTPStatus.OK and got == expect:
+                    result.ok += 1
+                else:
+                    result.losses.append(f"status {resp.status}, {got[0]} bytes")
+        conn.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return result
 
 
 @contextlib.contextmanager

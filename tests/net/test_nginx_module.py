@@ -11,13 +11,23 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from nginx_util import Nginx, StandInAgent, build_module, make_files, running, shared_dir
+from nginx_util import (
+    Nginx,
+    StandInAgent,
+    Traffic,
+    build_module,
+    keepalive_traffic,
+    make_files,
+    running,
+    shared_dir,
+)
 
 from xo.lab import Host, Lab
 
@@ -241,3 +251,89 @@ def test_agent_refusal_serves_locally_on_the_same_connection(module_so: Path) ->
         assert (served, connects) == (["f0"] * 3, 1)
         assert [r["hs"] for r in site.front.access()] == ["fallback"] * 3
         assert rst_counts(site) == before
+
+
+def stub_active(site: Site) -> int:
+    res = site.client.run(["curl", "-sS", f"http://{site.lab.vip4}/stub"], timeout=10)
+    return int(re.search(r"Active connections: (\d+)", res.stdout).group(1))  # type: ignore[union-attr]
+
+
+def fd_counts(site: Site) -> dict[str, int]:
+    return {n.host.name: n.open_fds() for n in (site.front, *site.backs)}
+
+
+def wait_for(what: str, probe: Callable[[], object], want: object) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while (got := probe()) != want:
+        assert time.monotonic() < deadline, f"{what}: {got} != {want}"
+        time.sleep(0.1)
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    """Requests, errors and non-2xx responses from wrk's summary."""
+    res = {"requests": float(re.search(r"(\d+) requests in", out).group(1))}  # type: ignore[union-attr]
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    res["socket_errors"] = float(sum(int(x) for x in errors.groups())) if errors else 0.0
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    res["non2xx"] = float(non2xx.group(1)) if non2xx else 0.0
+    return res
+
+
+def server_rsts(site: Site) -> dict[str, int]:
+    """RSTs sent by the server side (a client that stops mid-response may reset itself)."""
+    return {
+        h.name: h.nstat().get("TcpOutRsts", 0) for h in (*site.lab.frontends, *site.lab.backends)
+    }
+
+
+def test_wrk_persistent_connections_leave_no_leak(module_so: Path) -> None:
+    with make_site(module_so, front_workers=2) as site:
+        base_fds, base_rst = fd_counts(site), server_rsts(site)
+        assert stub_active(site) == 1  # the stub request itself
+        url = site.url("64k.bin")
+        out = site.client.run(["wrk", "-t2", "-c8", "-d2s", url], timeout=30).stdout
+        wrk = parse_wrk(out)
+        assert wrk["requests"] > 0 and wrk["socket_errors"] == 0 and wrk["non2xx"] == 0, out
+        wait_for("frontend stub_status active", lambda: stub_active(site), 1)
+        wait_for("worker fds", lambda: fd_counts(site), base_fds)
+        assert server_rsts(site) == base_rst
+        back_rows = [r for b in site.backs for r in b.access()]
+        assert back_rows and all(r["hs"] == "in" for r in back_rows)
+        assert all(r["status"] == "200" and int(r["bytes"]) == FILES["64k.bin"] for r in back_rows)
+        out_rows = [r for r in site.front.access() if r["hs"] == "out"]
+        assert len(out_rows) == len(back_rows) == sum(site.agent.handed_in.values())
+        assert site.agent.returned == len(back_rows)
+
+
+def test_hup_reload_mid_traffic_loses_nothing(module_so: Path) -> None:
+    with make_site(module_so, front_workers=2) as site:
+        result: list[Traffic] = []
+        traffic = threading.Thread(
+            target=lambda: result.append(
+                keepalive_traffic(
+                    site.client,
+                    str(site.lab.vip4),
+                    "/files/64k.bin",
+                    site.files["64k.bin"],
+                    seconds=3.0,
+                    connections=4,
+                )
+            )
+        )
+        traffic.start()
+        try:
+            time.sleep(0.8)
+            site.front.reload()
+            time.sleep(0.8)
+            for b in site.backs:
+                b.reload()
+        finally:
+            traffic.join()
+        (t,) = result
+        assert t.losses == [] and t.ok > 0
+        for n in (site.front, *site.backs):  # the old workers finished and exited
+            wait_for(f"{n.host.name} workers", lambda n=n: len(n.worker_pids()), n.workers)
+        back_rows = [r for b in site.backs for r in b.access()]
+        assert back_rows
+        assert all(r["status"] == "200" and int(r["bytes"]) == FILES["64k.bin"] for r in back_rows)
+        print(f"HUP mid-traffic: {t.ok} ok, {t.retried} retried after a keep-alive close")
