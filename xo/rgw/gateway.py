@@ -490,16 +490,23 @@ class Gateway:
             conn.buf[:0] = preread
             return self._proxy_get(ex, node, state)
         conn.sock.close()
+        log.debug("GET %s/%s offloaded to %s as %s", state.bucket, state.key, node.name, handoff)
         back = offloader.wait_return(handoff, self.config.offload.return_timeout)
-        if back is None or back.sock is None:
-            log.info("offloaded connection %s did not come back", handoff)
+        if back is None:
+            log.warning("offloaded connection %s did not come back in time", handoff)
+            return None
+        if back.sock is None:
+            log.debug("client closed %s while it was offloaded", handoff)
+            self.stats.offloaded += 1
             return None
         self.server.adopt(back.sock)
         returned = HttpConnection(back.sock, back.preread)
         ex.conn = returned
-        if json.loads(back.app_state or b"{}").get("served"):
+        if _served(back.app_state):
+            log.debug("%s came back after the node served it", handoff)
             self.stats.offloaded += 1
             return returned
+        log.info("%s came back unserved; proxying", handoff)
         return self._proxy_get(ex, node, state)
 
     def _proxy_get(self, ex: Exchange, node: NodeClient, state: ServeState) -> HttpConnection:
@@ -669,6 +676,15 @@ class Gateway:
 
 class _NodeFailedBeforeHead(Exception):
     """The node failed before any response byte went to the client: try another replica."""
+
+
+def _served(app_state: bytes) -> bool:
+    """Whether the node's give-back state says it sent the response."""
+    try:
+        state = json.loads(app_state or b"{}")
+    except ValueError:
+        return False
+    return isinstance(state, dict) and state.get("served") is True
 
 
 def _int_param(q: dict[str, str], name: str, default: int) -> int:

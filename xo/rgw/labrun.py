@@ -37,7 +37,7 @@ class S3Deployment:
 
     def __init__(self, lab: Lab, workdir: Path, offload: bool = False,
                  threshold: int = 1024 * 1024, replicas: int = 2,
-                 agent_sockets: dict[str, str] | None = None) -> None:
+                 agent_sockets: dict[str, str] | None = None, verbose: bool = False) -> None:
         self.lab = lab
         self.workdir = workdir
         self.config_path = workdir / "s3.toml"
@@ -45,6 +45,7 @@ class S3Deployment:
         self.threshold = threshold
         self.replicas = replicas
         self.agent_sockets = agent_sockets or {}
+        self.verbose = verbose
         self._procs: dict[str, subprocess.Popen[Any]] = {}
         self._logs: dict[str, IO[bytes]] = {}
 
@@ -56,8 +57,9 @@ class S3Deployment:
     def url(self) -> str:
         return f"http://{self.lab.vip4}:{GATEWAY_PORT}"
 
-    def node_url(self, i: int) -> str:
-        return f"http://{self.lab.backends[i].ip4}:{NODE_PORT}"
+    def log(self, name: str) -> str:
+        """The output so far of server `name` ("gateway", "n0", ...)."""
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
 
     def write_config(self) -> None:
         lines = [
@@ -90,6 +92,8 @@ class S3Deployment:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed in _stop
         self._logs[name] = log
         cmd = [sys.executable, "-m", "xo.cli", *argv, "-c", str(self.config_path)]
+        if self.verbose:
+            cmd.append("-v")
         self._procs[name] = host.popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
@@ -101,7 +105,7 @@ class S3Deployment:
                 return
             except OSError:
                 time.sleep(POLL_SECONDS)
-        text = (self.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+        text = self.log(name)[-2000:]
         self._stop(name)
         raise DeploymentError(f"{name} did not start on {host.name}:{port}:\n{text}")
 

@@ -135,6 +135,8 @@ class StorageNode:
         try:
             state = ServeState.from_bytes(app_state)
             send_object(conn, self.store, state)
+            log.debug("served handed-in GET %s/%s [%d+%d]", state.bucket, state.key,
+                      state.start, state.length)
             result: dict[str, object] = {"served": True}
         except (S3Error, ValueError) as e:
             log.warning("handed-in GET not served: %s", e)
