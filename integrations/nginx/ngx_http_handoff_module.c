@@ -9,7 +9,7 @@
  *   handoff_giveback_timeout TIME;  http   how long a give-back waits for its answer (5s)
  *   handoff_in on|off;              server serve connections handed in, then give them back
  *   handoff_out;                    location  hand requests here off to a target
- *   handoff_target ADDR:PORT;       http/server/location, repeatable: targets, round robin
+ *   handoff_target PEER|ADDR:PORT;  http/server/location, repeatable: targets, round robin
  *   handoff_freq N;                 offload every Nth request (0 or 1: every request)
  *   handoff_timeout TIME;           wait for the agent's answer, then serve locally (5s)
  *   variables: $handoff_status (local|out|fallback|in), $handoff_target, $handoff_id
@@ -304,20 +304,43 @@ ngx_http_handoff_agent(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/* A peer name of the agent's config ("b0"), or ADDR:PORT; the agent resolves it. */
+static ngx_int_t
+ngx_http_handoff_valid_target(ngx_conf_t *cf, ngx_str_t *t)
+{
+    size_t     i;
+    ngx_url_t  u;
+
+    if (ngx_strlchr(t->data, t->data + t->len, ':') == NULL) {
+        for (i = 0; i < t->len; i++) {
+            if (!isalnum(t->data[i]) && t->data[i] != '-' && t->data[i] != '_'
+                && t->data[i] != '.')
+            {
+                return NGX_ERROR;
+            }
+        }
+        return t->len ? NGX_OK : NGX_ERROR;
+    }
+    ngx_memzero(&u, sizeof(ngx_url_t));
+    u.url = *t;
+    u.no_resolve = 1;
+    if (ngx_parse_url(cf->pool, &u) != NGX_OK || u.no_port || u.family == AF_UNIX) {
+        return NGX_ERROR;
+    }
+    return NGX_OK;
+}
+
+
 static char *
 ngx_http_handoff_target(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_handoff_loc_conf_t  *hlcf = conf;
     ngx_str_t                    *value = cf->args->elts, *t;
-    ngx_url_t                     u;
 
-    ngx_memzero(&u, sizeof(ngx_url_t));
-    u.url = value[1];
-    u.no_resolve = 1;
-    if (ngx_parse_url(cf->pool, &u) != NGX_OK || u.no_port || u.family == AF_UNIX) {
+    if (ngx_http_handoff_valid_target(cf, &value[1]) != NGX_OK) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"handoff_target\" wants ADDR:PORT, got \"%V\"%s%s", &value[1],
-                           u.err ? ": " : "", u.err ? u.err : "");
+                           "\"handoff_target\" wants a peer name or ADDR:PORT, got \"%V\"",
+                           &value[1]);
         return NGX_CONF_ERROR;
     }
 
