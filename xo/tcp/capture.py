@@ -91,7 +91,13 @@ def resume(sock: socket.socket) -> None:
 
 def release(sock: socket.socket) -> None:
     """Close a captured socket silently: in repair mode the kernel sends neither FIN nor RST."""
-    repair_on(sock)
+    try:
+        in_repair = sock.getsockopt(uapi.SOL_TCP, uapi.TCP_REPAIR) == uapi.TCP_REPAIR_ON
+    except OSError as e:
+        raise CaptureError("read TCP_REPAIR", e.errno or errno.EIO) from None
+    if not in_repair:  # repair-on would deselect the send queue (and allow sending again)
+        repair_on(sock)
+        _stop_transmitting(sock)
     sock.close()
 
 
@@ -113,11 +119,32 @@ def _read_queue(sock: socket.socket, queue: int, length: int) -> tuple[int, byte
     return seq, data
 
 
+def _stop_transmitting(sock: socket.socket) -> None:
+    """Select the send queue: from now on the kernel sends no new data on this socket.
+
+    Repair mode alone does not stop it: data the socket already holds keeps leaving from
+    timers (pacing, TSQ, loss probes). A byte sent after the snapshot would reach the peer
+    unrecorded, its ACK would be beyond the restored socket's snd_nxt and be ignored: a
+    hung connection (seen: a tail loss probe sending 64 KiB mid-capture). With the send
+    queue selected, tcp_write_xmit only marks new data as sent without sending it (the
+    path restore uses): read after that, such bytes are simply unsent; read before, they
+    land in send_unacked and the restored socket retransmits them.
+    """
+    try:
+        sock.setsockopt(uapi.SOL_TCP, uapi.TCP_REPAIR_QUEUE, uapi.TCP_SEND_QUEUE)
+    except OSError as e:
+        raise CaptureError("select send queue", e.errno or errno.EIO) from None
+
+
 def _snapshot(sock: socket.socket, info: bytes) -> TcpState:
     fd = sock.fileno()
     options = info[5]
     wscales = info[6]
+    # Receive side first: while its queue is selected the kernel may still send.
     inq = _ioctl_int(fd, uapi.SIOCINQ, "SIOCINQ")
+    recv_seq, recv_queue = _read_queue(sock, uapi.TCP_RECV_QUEUE, inq)
+    # Then the send side, with the send queue selected from here to release()/resume().
+    _stop_transmitting(sock)
     outq = _ioctl_int(fd, uapi.SIOCOUTQ, "SIOCOUTQ")
     unsent = _ioctl_int(fd, uapi.SIOCOUTQNSD, "SIOCOUTQNSD")
     try:
@@ -131,7 +158,6 @@ def _snapshot(sock: socket.socket, info: bytes) -> TcpState:
         rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     except OSError as e:
         raise CaptureError("read options", e.errno or errno.EIO) from None
-    recv_seq, recv_queue = _read_queue(sock, uapi.TCP_RECV_QUEUE, inq)
     send_seq, send_queue = _read_queue(sock, uapi.TCP_SEND_QUEUE, outq)
     wscale_ok = bool(options & uapi.TCPI_OPT_WSCALE)
     acked_end = outq - unsent
