@@ -1,12 +1,15 @@
-"""Benchmark S3 GET throughput in a lab: gateway proxying vs bytes served by the node.
+"""Benchmark S3 GET throughput in a lab: offload vs the same gateway proxying.
 
-Builds a lab (c0, f0, b0..b2), runs `xo s3-node` on each backend and `xo s3-gateway` on f0,
-uploads one object per size, then times GETs from c0 with curl (one keep-alive connection
-per batch, presigned URLs). Modes, interleaved round by round in the same lab and run:
+Builds a lab (c0, f0, b0..b2) with an XO agent on f0 and each backend, runs `xo s3-node` on
+each backend and two `xo s3-gateway` processes on f0 (same config; one offloads GETs of at
+least 1 MiB, one is started with --no-offload), uploads one object per size, then times GETs
+from c0 with curl (one keep-alive connection per batch, presigned URLs). Modes, interleaved
+round by round in the same lab and run:
   proxy    the gateway reads the object from its node and relays it to the client
-  offload  the gateway hands the client connection to the node (needs the XO agents)
-  node     curl reads the object from the node holding it, no gateway (the upper bound
-           offload approaches: the node's own serving path)
+  offload  the gateway hands the client connection to the node, which sends the object
+           and gives the connection back (XO agents, TCP_REPAIR, eBPF redirect)
+  node     curl reads the object from the node holding it, no gateway (reference: the
+           node's own serving path without any handoff)
 
 examples:
   xo s3-bench                         1, 8, 64 MiB, 3 rounds
@@ -24,6 +27,7 @@ from urllib.parse import quote
 import boto3
 from botocore.config import Config
 
+from xo.agent.labkit import LabAgents
 from xo.lab import Lab
 from xo.rgw.labrun import ACCESS_KEY, NODE_PORT, SECRET_KEY, S3Deployment
 from xo.rgw.node import API
@@ -35,6 +39,8 @@ BUCKET = "bench"
 BATCH_BYTES = 128 * MIB
 MAX_BATCH = 32
 PRESIGN_SECONDS = 3600
+PROXY_PORT = 9001
+THRESHOLD = 1024 * 1024
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -54,40 +60,63 @@ def _curl_batch(dep: S3Deployment, urls: list[str]) -> tuple[int, float]:
 
 def run(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
-    modes = ["proxy", "node"]
+    modes = ["proxy", "offload", "node"]
     results: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="xo-s3-bench-") as tmp, \
             Lab(clients=1, frontends=1, backends=3) as lab, \
-            S3Deployment(lab, Path(tmp)) as dep:
-        with lab.clients[0].enter():
-            s3 = boto3.client("s3", endpoint_url=dep.url, aws_access_key_id=ACCESS_KEY,
-                              aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
-                              config=Config(signature_version="s3v4",
-                                            s3={"addressing_style": "path"}))
-            s3.create_bucket(Bucket=BUCKET)
-            urls: dict[tuple[str, int], str] = {}
-            names = [f"n{i}" for i in range(len(lab.backends))]
-            for size in sizes:
-                key = f"obj-{size}MiB"
-                s3.put_object(Bucket=BUCKET, Key=key, Body=b"\xa5" * (size * MIB))
-                urls["proxy", size] = s3.generate_presigned_url(
+            LabAgents(lab, Path(tmp) / "agents") as agents:
+        sockets = {h.name: agents.socket_path(h) for h in [*lab.frontends, *lab.backends]}
+        dep = S3Deployment(lab, Path(tmp) / "s3", offload=True, threshold=THRESHOLD,
+                           agent_sockets=sockets, verbose=True)
+        with dep:
+            _measure(dep, sizes, modes, args.rounds, results)
+    _report(sizes, modes, args.rounds, results)
+    return 0
+
+
+def _measure(dep: S3Deployment, sizes: list[int], modes: list[str], rounds: int,
+             results: dict[tuple[str, int], list[float]]) -> None:
+    lab = dep.lab
+    proxy_url = dep.start_gateway("gateway-proxy", PROXY_PORT, offload=False)
+    with lab.clients[0].enter():
+        clients = {
+            mode: boto3.client("s3", endpoint_url=url, aws_access_key_id=ACCESS_KEY,
+                               aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+                               config=Config(signature_version="s3v4",
+                                             s3={"addressing_style": "path"}))
+            for mode, url in (("offload", dep.url), ("proxy", proxy_url))
+        }
+        s3 = clients["offload"]
+        s3.create_bucket(Bucket=BUCKET)
+        urls: dict[tuple[str, int], str] = {}
+        names = [f"n{i}" for i in range(len(lab.backends))]
+        for size in sizes:
+            key = f"obj-{size}MiB"
+            s3.put_object(Bucket=BUCKET, Key=key, Body=b"\xa5" * (size * MIB))
+            for mode, c in clients.items():
+                urls[mode, size] = c.generate_presigned_url(
                     "get_object", Params={"Bucket": BUCKET, "Key": key},
                     ExpiresIn=PRESIGN_SECONDS)
-                holder = int(rank(names, BUCKET, key)[0][1:])
-                urls["node", size] = (
-                    f"http://{lab.backends[holder].ip4}:{NODE_PORT}{API}objects/{BUCKET}/"
-                    f"{quote(key, safe='')}")
-        for _ in range(args.rounds):
-            for size in sizes:
-                count = max(1, min(MAX_BATCH, BATCH_BYTES // (size * MIB)))
-                for mode in modes:
-                    nbytes, seconds = _curl_batch(dep, [urls[mode, size]] * count)
-                    results.setdefault((mode, size), []).append(nbytes / seconds / MIB)
-    print(f"S3 GET throughput, MiB/s (median of {args.rounds} rounds; c0 -> f0 -> b*)")
-    print(f"{'size':>8} " + " ".join(f"{m:>10}" for m in modes) + f" {'node/proxy':>11}")
+            holder = int(rank(names, BUCKET, key)[0][1:])
+            urls["node", size] = (
+                f"http://{lab.backends[holder].ip4}:{NODE_PORT}{API}objects/{BUCKET}/"
+                f"{quote(key, safe='')}")
+    for _ in range(rounds):
+        for size in sizes:
+            count = max(1, min(MAX_BATCH, BATCH_BYTES // (size * MIB)))
+            for mode in modes:
+                nbytes, seconds = _curl_batch(dep, [urls[mode, size]] * count)
+                results.setdefault((mode, size), []).append(nbytes / seconds / MIB)
+    served = dep.log("gateway").count("came back after the node served it")
+    print(f"offloading gateway: {served} GETs served by the storage nodes (from its log)")
+
+
+def _report(sizes: list[int], modes: list[str], rounds: int,
+            results: dict[tuple[str, int], list[float]]) -> None:
+    print(f"S3 GET throughput, MiB/s (median of {rounds} rounds; c0 -> f0 -> b*)")
+    print(f"{'size':>8} " + " ".join(f"{m:>10}" for m in modes)
+          + f" {'offload/proxy':>14} {'node/proxy':>11}")
     for size in sizes:
         med = {m: statistics.median(results[m, size]) for m in modes}
         print(f"{size:>5}MiB " + " ".join(f"{med[m]:>10.0f}" for m in modes)
-              + f" {med['node'] / med['proxy']:>10.2f}x")
-    print("offload: not measured (the XO agent is not wired into the S3 servers yet)")
-    return 0
+              + f" {med['offload'] / med['proxy']:>13.2f}x {med['node'] / med['proxy']:>10.2f}x")

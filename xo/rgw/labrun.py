@@ -109,6 +109,15 @@ class S3Deployment:
         self._stop(name)
         raise DeploymentError(f"{name} did not start on {host.name}:{port}:\n{text}")
 
+    def start_gateway(self, name: str = "gateway", port: int = GATEWAY_PORT,
+                      offload: bool = True) -> str:
+        """Start a gateway process on f0 (another port for a second one); its URL."""
+        argv = ["s3-gateway", "--listen", f"0.0.0.0:{port}"]
+        if not offload:
+            argv.append("--no-offload")
+        self._start(name, self.gateway_host, argv, port)
+        return f"http://{self.lab.vip4}:{port}"
+
     def start_node(self, i: int) -> None:
         self._start(f"n{i}", self.lab.backends[i], ["s3-node", "--name", f"n{i}"], NODE_PORT)
 
@@ -121,7 +130,7 @@ class S3Deployment:
         try:
             for i in range(len(self.lab.backends)):
                 self.start_node(i)
-            self._start("gateway", self.gateway_host, ["s3-gateway"], GATEWAY_PORT)
+            self.start_gateway(offload=self.offload)
         except BaseException:
             self.close()
             raise
