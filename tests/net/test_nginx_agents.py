@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from nginx_util import Nginx, build_module, make_files, running, shared_dir
 
 from xo.lab import Host, Lab
+from xo.nginxlab import Nginx, build_module, make_files, running, shared_dir
 
 pytestmark = [
     pytest.mark.net,

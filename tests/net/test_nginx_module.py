@@ -18,18 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from nginx_util import (
-    Nginx,
-    StandInAgent,
-    Traffic,
-    build_module,
-    keepalive_traffic,
-    make_files,
-    running,
-    shared_dir,
-)
+from nginx_util import StandInAgent, Traffic, keepalive_traffic
 
 from xo.lab import Host, Lab
+from xo.nginxlab import Nginx, build_module, make_files, running, shared_dir
 
 pytestmark = [
     pytest.mark.net,
