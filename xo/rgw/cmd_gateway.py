@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, listen=parse_listen(args.listen))
     offloader: Offloader | None = None
     if config.offload.enabled and not args.no_offload:
-        offloader = AgentOffloader(config.offload.agent_socket, config.connect_timeout * 5)
+        offloader = AgentOffloader(config.offload.agent_socket, config.offload.agent_timeout)
     with Gateway(config, offloader) as gw:
         host, port = gw.address[:2]
         mode = "offload" if offloader else "proxy"

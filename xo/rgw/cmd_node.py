@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     listen = parse_listen(args.listen) if args.listen else spec.address.sockaddr()
     agent_socket = args.agent_socket or spec.agent_socket
     with StorageNode(Store(data_dir), listen) as node:
-        link = NodeAgentLink(node, agent_socket, config.connect_timeout * 5) \
+        link = NodeAgentLink(node, agent_socket, config.offload.agent_timeout) \
             if agent_socket else None
         host, port = node.address[:2]
         print(f"s3-node {spec.name} listening on {host}:{port}, data in {data_dir}"

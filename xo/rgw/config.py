@@ -12,6 +12,8 @@
     enabled = true
     threshold = 1048576          # GETs of at least this many bytes are offloaded
     agent_socket = "/run/xo/agent.sock"
+    return_timeout = 30.0        # seconds the gateway waits for an offloaded connection back
+    agent_timeout = 5.0          # seconds the agent has to answer an offload or give-back
 
     [[nodes]]
     name = "n0"
@@ -35,6 +37,7 @@ DEFAULT_THRESHOLD = 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 1.0
 DEFAULT_IO_TIMEOUT = 10.0
 DEFAULT_RETURN_TIMEOUT = 30.0
+DEFAULT_AGENT_TIMEOUT = 5.0
 
 
 class ConfigError(ValueError):
@@ -56,6 +59,7 @@ class OffloadConfig:
     threshold: int = DEFAULT_THRESHOLD
     agent_socket: str = ""
     return_timeout: float = DEFAULT_RETURN_TIMEOUT
+    agent_timeout: float = DEFAULT_AGENT_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +155,8 @@ def parse(data: dict[str, Any]) -> S3Config:
         agent_socket=_get(off, "agent_socket", str, "offload", ""),
         return_timeout=float(_get(off, "return_timeout", (int, float), "offload",
                                   DEFAULT_RETURN_TIMEOUT)),
+        agent_timeout=float(_get(off, "agent_timeout", (int, float), "offload",
+                                 DEFAULT_AGENT_TIMEOUT)),
     )
     if offload.threshold < 0:
         raise ConfigError("offload.threshold must be >= 0")

@@ -22,6 +22,7 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 200
 RECV_SIZE = 256 * 1024
 SENDFILE_CHUNK = 8 * 1024 * 1024
+JOIN_SECONDS = 5.0
 
 REASONS = {
     100: "Continue", 200: "OK", 204: "No Content", 206: "Partial Content",
@@ -270,7 +271,8 @@ class Server:
         for sock in conns:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=JOIN_SECONDS)
 
     def __enter__(self) -> Server:
         return self.start()
