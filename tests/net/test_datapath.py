@@ -474,6 +474,9 @@ def test_restart_keeps_flows_and_detach_is_clean(lab: Lab) -> None:
         dp.close()  # the agent "dies": filter and pinned maps stay, the flow stays blocked
         assert "xo_ingress" in filters(b)
         assert select.select([conn], [], [], RETRANSMIT_WAIT_S)[0] == []
+        with pytest.raises(DatapathError, match="holds 4 flows, not 65536"):
+            Datapath.attach("eth0", netns=b.netns)  # a resize would drop the flows: refused
+        assert "xo_ingress" in filters(b)
         dp = Datapath.attach("eth0", netns=b.netns, max_flows=4)
         assert dp.reattached
         assert [(e.flow, e.action) for e in dp.flows()] == [(flow, Action.BLOCK)]

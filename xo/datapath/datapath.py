@@ -23,7 +23,7 @@ from typing import Any
 from bcc.libbcc import lib as _bcc  # type: ignore[import-untyped]
 
 from xo.datapath import tc
-from xo.datapath.errors import DatapathError, FlowTableFull, UnknownFlow
+from xo.datapath.errors import DatapathError, DatapathPermissionError, FlowTableFull, UnknownFlow
 from xo.datapath.layout import (
     Action,
     Counter,
@@ -116,7 +116,7 @@ class Datapath:
         if not isinstance(max_flows, int) or max_flows < 1:
             raise DatapathError(f"max_flows must be a positive integer, got {max_flows!r}")
         if os.geteuid() != 0:
-            raise tc.DatapathPermissionError(
+            raise DatapathPermissionError(
                 "attaching the datapath needs root (BPF, tc, bpffs mount)"
             )
         ipr = tc.open_ipr(netns)

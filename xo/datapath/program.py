@@ -102,6 +102,26 @@ def pins_exist(pin_dir: Path) -> bool:
     return all((pin_dir / name).exists() for name in MAP_PINS)
 
 
+class _MapInfoHead(ctypes.Structure):
+    """The head of struct bpf_map_info (include/uapi/linux/bpf.h)."""
+
+    _fields_ = [
+        (name, ctypes.c_uint32)
+        for name in ("type", "id", "key_size", "value_size", "max_entries", "map_flags")
+    ]
+
+
+def map_max_entries(fd: int) -> int:
+    """max_entries of the map behind fd, as the kernel has it (a pinned map keeps its size)."""
+    from bcc.libbcc import lib  # type: ignore[import-untyped]
+
+    info = _MapInfoHead()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    if lib.bpf_obj_get_info(fd, ctypes.byref(info), ctypes.byref(size)) != 0:
+        raise DatapathError(f"bpf_obj_get_info on map fd {fd}: {os.strerror(ctypes.get_errno())}")
+    return int(info.max_entries)
+
+
 class Program:
     """One compiled copy of the TC program pair with its maps (reopened from pins if present)."""
 
@@ -131,6 +151,13 @@ class Program:
         self.stats = self.bpf[b"xo_stats"]
         self.counters = self.bpf[b"xo_counters"]
         check_sizes(self.flows.Key, self.flows.Leaf, self.stats.Leaf)
+        self.max_flows = map_max_entries(self.flows.map_fd)
+        if self.max_flows != max_flows:
+            self.close()
+            raise DatapathError(
+                f"the flow table pinned in {pin_dir} holds {self.max_flows} flows, not "
+                f"{max_flows}: attach with max_flows={self.max_flows}, or detach to resize"
+            )
 
     def close(self) -> None:
         """Drop our fds; the pinned maps and attached filters live on in the kernel."""
