@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "s3-gateway": ("xo.rgw.cmd_gateway", "run the S3 gateway (offloads large GETs to nodes)"),
     "s3-node": ("xo.rgw.cmd_node", "run an S3 storage node"),
     "s3-bench": ("xo.rgw.cmd_bench", "S3 GET throughput in a lab: proxy vs offload"),
+    "bench-nginx": ("xo.nginx_bench", "nginx: handoff module vs proxy_pass, throughput and CPU"),
     "bench-tls": ("xo.tls.bench", "benchmark kTLS capture/install and a TLS handoff's blackout"),
 }
 
