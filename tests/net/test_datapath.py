@@ -217,7 +217,8 @@ def test_block_drops_client_retransmits_no_rst_and_remove_restores(
         st = dp_f.stats(flow)
         assert st.packets >= 2, "the client must have retransmitted into the block"
         assert c.nstat()["TcpRetransSegs"] > before_c["TcpRetransSegs"]
-        assert dp_f.counters()["blocked"] - before["blocked"] == st.packets
+        blocked = dp_f.counters()["blocked"] - before["blocked"]
+        assert st.packets <= blocked <= dp_f.stats(flow).packets  # retransmits keep coming
         with pytest.raises(UnknownFlow):
             dp_f.stats(other)
         (entry,) = [e for e in dp_f.flows() if e.flow == flow]
@@ -246,7 +247,7 @@ def test_allow_counts_without_changing_delivery(lab: Lab, dp_f: Datapath) -> Non
         assert recv_exactly(conn, len(PAYLOAD)) == PAYLOAD
         st = dp_f.stats(flow)
         assert st.packets >= 3 and st.bytes > len(PAYLOAD)
-        assert dp_f.counters()["passed"] - passed == st.packets
+        assert st.packets <= dp_f.counters()["passed"] - passed <= dp_f.stats(flow).packets
     finally:
         dp_f.remove(flow)
         s.close()
