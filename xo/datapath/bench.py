@@ -36,6 +36,8 @@ VPORT = 8080
 HANDOFF_PORT = 47000
 PING = b"ping"
 CONNECT_TIMEOUT_S = 5.0
+CLOSE_GRACE_S = 0.01
+PORTS_PER_ADDR = 60000  # synthetic client flows: this many ports per client address
 
 
 @dataclass
@@ -60,7 +62,10 @@ def timed(fn: Callable[[], object]) -> int:
 def bench_map_ops(dp: Datapath, host: Host, ops: int) -> dict[str, Summary]:
     """API-level block()/remove() and the bare map syscalls, each over `ops` distinct flows."""
     vip = Endpoint(host.ip4, VPORT)
-    flows = [FlowKey(Endpoint(host.ip4 + 1 + i // 60000, 1 + i % 60000), vip) for i in range(ops)]
+    flows = [
+        FlowKey(Endpoint(host.ip4 + 1 + i // PORTS_PER_ADDR, 1 + i % PORTS_PER_ADDR), vip)
+        for i in range(ops)
+    ]
     insert = [timed(partial(dp.block, f)) for f in flows]
     delete = [timed(partial(dp.remove, f)) for f in flows]
     # One bpf_map_update_elem / delete_elem through ctypes, without the API's bookkeeping.
@@ -112,7 +117,7 @@ def move_once(
 
     c, f, b = lab.clients[0], lab.frontends[0], lab.backends[0]
     vip = Endpoint(lab.vip4, VPORT)
-    handoff = Endpoint(b.ip4, HANDOFF_PORT + client_port % 1000)
+    handoff = Endpoint(b.ip4, HANDOFF_PORT + client_port - FIRST_CLIENT_PORT)
     client = _connect(c, Endpoint(c.ip4, client_port), vip)
     conn, _ = srv.accept()
     _round_trip(client, conn)
@@ -134,7 +139,7 @@ def move_once(
     _round_trip(client, moved)
     client.close()
     moved.close()
-    time.sleep(0.01)  # let FIN/ACK cross before the rules go
+    time.sleep(CLOSE_GRACE_S)  # let FIN/ACK cross before the rules go
     dp_f.remove(flow)
     dp_b.remove(FlowKey(flow.client, handoff))
     return t3 - t0, t1 - t0, t3 - t2
