@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlsplit
 
 import boto3
 import pytest
@@ -147,6 +150,17 @@ def _payload_bytes_from(pcap: Path, host: Host, port: int) -> int:
     )
 
 
+def _read_response(f: BinaryIO) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with Content-Length from a socket file: (status, body)."""
+    status = int(f.readline().split()[1])
+    length = 0
+    while (line := f.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status, f.read(length)
+
+
 def _capture(host: Host, pcap: Path) -> subprocess.Popen[bytes]:
     """tcpdump of every TCP segment on all of host's interfaces, started and capturing.
 
@@ -229,3 +243,14 @@ def test_large_gets_offloaded_to_the_storage_node(tmp_path: Path) -> None:
             assert c0.nstat()["TcpEstabResets"] == 0
             rst = c0.run(["tcpdump", "-r", str(client_pcap), "-nn", "tcp[tcpflags] & tcp-rst != 0"])
             assert rst.stdout == ""
+            # Pipelined: the second request is read with the first and travels with the
+            # handoff as preread, comes back with the connection, and is answered by f0.
+            with c0.enter():
+                sock = socket.create_connection((str(lab.vip4), 9000), timeout=20)
+            with sock, sock.makefile("rb") as f:
+                parts = [urlsplit(urls[k]) for k in ("big", "small")]
+                sock.sendall(b"".join(
+                    f"GET {u.path}?{u.query} HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n".encode()
+                    for u in parts))
+                assert _read_response(f) == (200, big)
+                assert _read_response(f) == (200, small)

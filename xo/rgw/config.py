@@ -10,7 +10,7 @@
 
     [offload]
     enabled = true
-    threshold = 1048576          # GETs of at least this many bytes are offloaded
+    threshold = 4194304          # GETs of at least this many bytes are offloaded
     agent_socket = "/run/xo/agent.sock"
     return_timeout = 30.0        # seconds the gateway waits for an offloaded connection back
     agent_timeout = 5.0          # seconds the agent has to answer an offload or give-back
@@ -33,7 +33,8 @@ from typing import Any
 
 from xo.flow import Endpoint, FlowError
 
-DEFAULT_THRESHOLD = 1024 * 1024
+# Below ~4 MiB a handoff costs more than it saves here (BENCHMARKS.md, section s3).
+DEFAULT_THRESHOLD = 4 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 1.0
 DEFAULT_IO_TIMEOUT = 10.0
 DEFAULT_RETURN_TIMEOUT = 30.0
