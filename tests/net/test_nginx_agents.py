@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,3 +190,57 @@ def test_keepalive_connection_moves_to_each_backend_and_back(module_so: Path, v6
             rows = back.access()
             assert [r["hs"] for r in rows] == ["in"] * 3
             assert [int(r["bytes"]) for r in rows] == [FILES[n] for n in mine]
+
+
+def stub_active(site: Site) -> int:
+    res = site.client.run(["curl", "-sS", f"http://{site.lab.vip4}/stub"], timeout=10)
+    return int(re.search(r"Active connections: (\d+)", res.stdout).group(1))  # type: ignore[union-attr]
+
+
+def wait_for(what: str, probe: Callable[[], object], want: object) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while (got := probe()) != want:
+        assert time.monotonic() < deadline, f"{what}: {got} != {want}"
+        time.sleep(0.1)
+
+
+def test_wrk_persistent_connections_through_agents(module_so: Path) -> None:
+    with make_site(module_so) as site:
+        nginx = (site.front, *site.backs)
+        base_fds = {n.host.name: n.open_fds() for n in nginx}
+        before = rst_counts(site)
+        url = f"http://{site.lab.vip4}/files/64k.bin"
+        out = site.client.run(["wrk", "-t2", "-c4", "-d3s", url], timeout=60).stdout
+        assert re.search(r"(\d+) requests in", out) and "Socket errors" not in out, out
+        assert "Non-2xx" not in out, out
+        wait_for("stub_status active", lambda: stub_active(site), 1)
+        wait_for("worker fds", lambda: {n.host.name: n.open_fds() for n in nginx}, base_fds)
+        after = rst_counts(site)
+        # wrk closes its connections when it stops, possibly mid-response: only the servers'
+        # counters must stay put
+        assert {k: v for k, v in after.items() if not k.startswith("c0.")} == {
+            k: v for k, v in before.items() if not k.startswith("c0.")
+        }
+        rows = [r for b in site.backs for r in b.access()]
+        assert rows and all(
+            r["status"] == "200" and int(r["bytes"]) == FILES["64k.bin"]
+            for r in rows
+            if r["hs"] == "in"
+        )
+
+
+def test_agent_down_serves_locally_then_hands_off_again(module_so: Path) -> None:
+    with make_site(module_so) as site:
+        f = site.lab.frontends[0]
+        site.agents.kill(f)  # type: ignore[attr-defined]
+        served, connects = curl_sequence(site, ["64k.bin", "small.bin"])
+        assert (served, connects) == (["f0", "f0"], 1)
+        assert [r["hs"] for r in site.front.access()] == ["fallback", "fallback"]
+        site.agents.start(f)  # type: ignore[attr-defined]
+        open_socket(site.agents.socket_path(f))  # type: ignore[attr-defined]
+        deadline = time.monotonic() + WAIT_S
+        while site.front.log_text().count("handoff: connected to agent") < 2:
+            assert time.monotonic() < deadline, "frontend never reconnected"
+            time.sleep(0.1)
+        served, connects = curl_sequence(site, ["1m.bin", "64k.bin"])
+        assert (served, connects) == (["b0", "b1"], 1)
