@@ -49,7 +49,7 @@ class Agent:
                                  timings=open_timings(self._timings_path))
         self.owner, self.target = Owner(ctx), Target(ctx)
         self.owner.reconcile()
-        server = grpc.aio.server(options=rpc.CHANNEL_OPTIONS)
+        server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
         offload_pb2_grpc.add_OffloadServicer_to_server(
             OffloadService(ctx, self.owner, self.target), server)
         server.add_secure_port(cfg.listen, rpc.server_credentials(cfg.tls))

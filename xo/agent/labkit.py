@@ -27,7 +27,7 @@ from xo.pki import make_lab_pki
 
 GRPC_PORT = 7000
 HANDOFF_PORTS = (40000, 40999)
-START_TIMEOUT_S = 20.0
+START_TIMEOUT_S = 60.0  # BCC compiles for ~0.5 s idle, many seconds on a loaded box
 STOP_TIMEOUT_S = 5.0
 
 

@@ -19,7 +19,7 @@ import itertools
 import logging
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -63,7 +63,8 @@ class OwnedFlow:
     flow: FlowKey
     peer: Peer
     target: Endpoint
-    app: str
+    app: str  # the owner's app: it gets the connection back
+    mac: str = ""  # the target's MAC, the redirect's destination
     machine: Machine = field(default_factory=Machine.owner)
 
 
@@ -119,7 +120,7 @@ class Owner:
             raise OffloadRefused(offload_pb2.REFUSED, f"flow {key} is already offloaded")
         target = await self._pick_target(peer, key.family)
         hid = f"{self._prefix}-{next(self._ids)}"
-        rec = OwnedFlow(hid, key, peer, target, req.app or app)
+        rec = OwnedFlow(hid, key, peer, target, app)
         timer = PhaseTimer()
         self.by_flow[key] = rec
         try:
@@ -149,7 +150,7 @@ class Owner:
         timer.mark("capture")
         request = offload_pb2.HandoffRequest(
             handoff_id=rec.handoff_id, flow=rec.flow.to_proto(), tcp=state.to_proto(),
-            preread=req.preread, app_state=req.app_state, app=rec.app,
+            preread=req.preread, app_state=req.app_state, app=req.app or rec.app,
             target=rec.target.to_proto(),
         )
         if tls is not None:
@@ -158,6 +159,7 @@ class Owner:
         try:
             reply = await self._rpc_handoff(rec.peer, request)
             redirect = Redirect(rec.target, mac=format_mac(reply.target_mac))
+            rec.mac = redirect.mac
         except OffloadRefused:
             self._keep_local(sock, rec)
             raise
@@ -247,7 +249,8 @@ class Owner:
         return view
 
     # --- end -------------------------------------------------------------------------------
-    async def end(self, peer: Peer, req: offload_pb2.EndRequest) -> offload_pb2.EndReply:
+    async def end(self, peer: Peer, req: offload_pb2.EndRequest,
+                  deadline_passed: Callable[[], bool] = lambda: False) -> offload_pb2.EndReply:
         hid, key = validate.end(req)
         rec = self.flows.get(hid) or self._adopted(key, hid)
         if rec is None or rec.flow != key:
@@ -264,6 +267,7 @@ class Owner:
             await self._deliver(rec, req, None)
             return offload_pb2.EndReply(ok=True)
         dp = self.ctx.dp
+        mac = rec.mac
         dp.block(key)
         timer.mark("block")
         try:
@@ -272,11 +276,14 @@ class Owner:
             if req.HasField("tls"):
                 self.ctx.tls.install(sock, req.tls)
         except (xo.tcp.TcpError, OSError, NotImplementedError, ValueError) as e:
-            # Put the redirect back: the target keeps serving (it resumes on a failed End).
-            dp.redirect(key, Redirect(rec.target, mac=self._target_mac(key)))
-            rec.machine.state = State.OFFLOADED
+            self._keep_offloaded(rec, mac)
             return offload_pb2.EndReply(ok=False, detail=f"restore failed: {e}")
         timer.mark("restore")
+        if deadline_passed():
+            # The target stopped waiting and resumes serving: our copy must vanish silently.
+            xo.tcp.release(sock)
+            self._keep_offloaded(rec, mac)
+            return offload_pb2.EndReply(ok=False, detail="the target's deadline passed")
         dp.remove(key)
         self.ctx.rules.cancel(key)
         timer.mark("unblock")
@@ -288,11 +295,10 @@ class Owner:
         self.ctx.record("end", hid, timer.phases)
         return offload_pb2.EndReply(ok=True)
 
-    def _target_mac(self, key: FlowKey) -> str:
-        for e in self.ctx.dp.flows():
-            if e.flow == key and e.action == Action.REDIRECT and e.dst_mac:
-                return e.dst_mac
-        return "00:00:00:00:00:00"
+    def _keep_offloaded(self, rec: OwnedFlow, mac: str) -> None:
+        """A failed End: the redirect goes back, the target keeps serving (it resumes)."""
+        self.ctx.dp.redirect(rec.flow, Redirect(rec.target, mac=mac))
+        rec.machine.state = State.OFFLOADED
 
     def _forget(self, rec: OwnedFlow, event: Event) -> None:
         rec.machine.advance(event)
@@ -345,7 +351,8 @@ class Owner:
                 log.warning("redirect of %s to %s: no configured peer, removed", e.flow, e.target)
                 self.ctx.dp.remove(e.flow)
                 continue
-            rec = OwnedFlow("", e.flow, peer, e.target, "", Machine(State.OFFLOADED))
+            rec = OwnedFlow("", e.flow, peer, e.target, "", e.dst_mac or "",
+                            Machine(State.OFFLOADED))
             self.by_flow[e.flow] = rec
             adopted.append(rec)
         if adopted:

@@ -30,6 +30,16 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.enable_http_proxy", 0),
 ]
 
+# The server must accept the clients' keepalive pings, or it answers GOAWAY "too_many_pings"
+# and in-flight handoffs on that channel fail.
+SERVER_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
 
 class PeerRefused(PermissionError):
     """The caller is not a configured peer."""

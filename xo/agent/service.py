@@ -8,6 +8,7 @@ becomes INTERNAL with a generic message, so no state bytes leak into errors or l
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import grpc
 import grpc.aio
@@ -22,6 +23,14 @@ from xo.v1 import offload_pb2, offload_pb2_grpc
 
 log = logging.getLogger("xo.agent.service")
 PROTOCOL_VERSION = 1
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> Callable[[], bool]:
+    def passed() -> bool:
+        left = context.time_remaining()
+        return left is not None and left <= 0
+
+    return passed
 
 
 class OffloadService(offload_pb2_grpc.OffloadServicer):
@@ -43,7 +52,14 @@ class OffloadService(offload_pb2_grpc.OffloadServicer):
         peer = await self._peer(context)
         log.debug("from %s: %s", peer.name, validate.describe(request))
         try:
-            return self.target.handoff(peer, request)
+            reply = self.target.handoff(peer, request)
+            left = context.time_remaining()
+            if reply.accepted and left is not None and left <= 0:
+                # The owner stopped waiting: it keeps the socket, so our copy must go.
+                self.target.abandon(peer.name, request.handoff_id)
+                return offload_pb2.HandoffReply(accepted=False, reason=offload_pb2.TIMEOUT,
+                                                detail="the owner's deadline passed")
+            return reply
         except Exception:
             log.exception("handoff from %s failed", peer.name)
             return offload_pb2.HandoffReply(accepted=False, reason=offload_pb2.INTERNAL,
@@ -63,7 +79,7 @@ class OffloadService(offload_pb2_grpc.OffloadServicer):
         peer = await self._peer(context)
         log.debug("from %s: %s", peer.name, validate.describe(request))
         try:
-            return await self.owner.end(peer, request)
+            return await self.owner.end(peer, request, _deadline_passed(context))
         except ProtocolError as e:
             return offload_pb2.EndReply(ok=False, detail=e.detail)
         except Exception:

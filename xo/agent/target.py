@@ -38,9 +38,13 @@ from xo.v1 import local_pb2, offload_pb2
 
 log = logging.getLogger("xo.agent.target")
 
-# The owner sends Ready right after its redirect; seconds without it mean it gave up.
-READY_DEADLINE_S = 3.0
-END_TIMEOUT_S = 1.0
+# An owner that gave up before our reply shows as an expired gRPC deadline and is handled at
+# once (abandon); this only catches an owner that died between our reply and its Ready.
+READY_DEADLINE_S = 30.0
+END_TIMEOUT_S = 5.0
+# A client-closed End carries no state and is idempotent: retry it so the owner's redirect
+# does not outlive the connection when one reply is lost.
+CLOSED_END_ATTEMPTS = 3
 # How long a client-closed connection may take to finish its close (our FIN, its ACK).
 CLOSE_WAIT_S = 2.0
 CLOSE_POLL_S = 0.002
@@ -120,10 +124,17 @@ class Target:
         return offload_pb2.HandoffReply(accepted=True, target_mac=parse_mac(dp.mac))
 
     def _expire(self, owner: str, hid: str) -> None:
+        if (owner, hid) in self.flows:
+            log.warning("no Ready for %s from %s: dropping the restored copy", hid, owner)
+        self.abandon(owner, hid)
+
+    def abandon(self, owner: str, hid: str) -> None:
+        """The owner kept the flow (it gave up on our reply): drop our copy without a trace."""
         rec = self.flows.get((owner, hid))
         if rec is None or rec.machine.state != State.RESTORED:
             return
-        log.warning("no Ready for %s from %s: dropping the restored copy", hid, owner)
+        if rec.expiry is not None:
+            rec.expiry.cancel()
         rec.machine.advance(Event.EXPIRED)
         if rec.sock is not None:
             xo.tcp.release(rec.sock)
@@ -212,8 +223,10 @@ class Target:
             await self._finish_close(sock)
         end = offload_pb2.EndRequest(handoff_id=rec.handoff_id, flow=rec.flow.to_proto(),
                                      reason=reason)
-        ok, detail = await self._send_end(rec, end)
-        if not ok:
+        for _ in range(CLOSED_END_ATTEMPTS):
+            ok, detail = await self._send_end(rec, end)
+            if ok:
+                break
             log.warning("end of closed flow %s not confirmed: %s", rec.flow, detail)
         self._forget(rec, Event.CLOSED)
         return True, ""

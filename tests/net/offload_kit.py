@@ -1,0 +1,136 @@
+"""Shared set-up of the offload net tests: a lab with agents and the HTTP app pair, a
+keep-alive client, a frontend capture, and a look into the agents' pinned flow maps."""
+
+from __future__ import annotations
+
+import ctypes
+import http.client
+import os
+import socket
+import struct
+import threading
+import time
+
+from bcc.libbcc import lib as bcc_lib  # type: ignore[import-untyped]
+
+from xo.datapath.datapath import default_pin_dir
+from xo.datapath.layout import FlowKeyStruct
+from xo.httpapp import HTTP_PORT, body
+from xo.lab import Host, Lab
+
+ETH_P_ALL = 0x0003
+ETH_HLEN = 14
+RST_COUNTERS = (
+    "TcpOutRsts",
+    "TcpExtTCPAbortOnData",
+    "TcpExtTCPAbortOnClose",
+    "TcpExtTCPAbortOnTimeout",
+)
+# ESTABLISHED -> CLOSED transitions: on the client a reset connection; on the servers every
+# socket closed in repair mode (a handoff) counts too, though it sends nothing.
+CLIENT_ONLY = ("TcpEstabResets",)
+
+
+def pinned_flows(h: Host) -> int:
+    """Entries in the flow map the agent of `h` pinned (read straight from the bpffs)."""
+    path = default_pin_dir(h.ifname, h.netns) / "flows"
+    fd = bcc_lib.bpf_obj_get(str(path).encode())
+    if fd < 0:
+        return 0  # no pins: nothing attached, nothing left
+    try:
+        key, nxt = FlowKeyStruct(), FlowKeyStruct()
+        if bcc_lib.bpf_get_first_key(fd, ctypes.byref(key), ctypes.sizeof(key)) != 0:
+            return 0
+        n = 1
+        while bcc_lib.bpf_get_next_key(fd, ctypes.byref(key), ctypes.byref(nxt)) == 0:
+            n += 1
+            ctypes.memmove(ctypes.byref(key), ctypes.byref(nxt), ctypes.sizeof(key))
+        return n
+    finally:
+        os.close(fd)
+
+
+def wait_settled(lab: Lab, timeout: float = 20.0) -> dict[str, int]:
+    """Wait until no agent has a flow entry (every offloaded connection came back)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {h.name: pinned_flows(h) for h in [*lab.frontends, *lab.backends]}
+        if not any(left.values()) or time.monotonic() > deadline:
+            return {k: v for k, v in left.items() if v}
+        time.sleep(0.05)
+
+
+def rst_counts(*hosts: Host) -> dict[str, int]:
+    out = {}
+    for h in hosts:
+        st = h.nstat()
+        for c in RST_COUNTERS + (CLIENT_ONLY if h.name.startswith("c") else ()):
+            out[f"{h.name}.{c}"] = st.get(c, 0)
+    return out
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+class Client:
+    """http.client (unmodified, keep-alive) in the client's namespace."""
+
+    def __init__(self, h: Host, vip: str, timeout: float = 10.0) -> None:
+        with h.enter():
+            self.conn = http.client.HTTPConnection(vip, HTTP_PORT, timeout=timeout)
+            self.conn.connect()
+
+    def get(self, size: int, close: bool = False) -> tuple[str, bytes]:
+        headers = {"Connection": "close"} if close else {}
+        self.conn.request("GET", f"/size/{size}", headers=headers)
+        r = self.conn.getresponse()
+        data = r.read()
+        if r.status != 200 or data != body(size):
+            raise AssertionError(
+                f"/size/{size}: status {r.status}, {len(data)} bytes, exact={data == body(size)}"
+            )
+        return r.getheader("X-Served-By") or "", data
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PortCapture:
+    """AF_PACKET on a host's eth0: TCP payload of IPv4 frames from port `port`."""
+
+    def __init__(self, h: Host, port: int) -> None:
+        with h.enter():
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            self.sock.bind((h.ifname, 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24)
+        self.sock.settimeout(0.1)
+        self.port = port
+        self.payload = bytearray()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame = self.sock.recv(65535)
+            except TimeoutError:
+                continue
+            if struct.unpack("!H", frame[12:14])[0] != 0x0800:
+                continue
+            ip = frame[ETH_HLEN:]
+            if ip[9] != socket.IPPROTO_TCP:
+                continue
+            ihl = (ip[0] & 0x0F) * 4
+            total = struct.unpack("!H", ip[2:4])[0]
+            tcp = ip[ihl:total]
+            if struct.unpack("!H", tcp[0:2])[0] != self.port:
+                continue
+            self.payload += tcp[(tcp[12] >> 4) * 4 :]
+
+    def stop(self) -> bytes:
+        self._stop.set()
+        self._t.join()
+        self.sock.close()
+        return bytes(self.payload)
