@@ -34,7 +34,6 @@ from xo.tls.state import TlsState
 ULP_TLS = b"tls"
 _INT = struct.Struct("=i")
 QUIESCE_POLL_S = 0.0005
-MAX_CRYPTO_INFO = max(layout.size for layout in uapi.TLS_CIPHERS.values())
 
 # TLS record content types (RFC 8446 B.1) and the alert that ends a session cleanly.
 CONTENT_ALERT = 21
@@ -122,9 +121,16 @@ def wait_quiescent(sock: socket.socket, timeout: float) -> float:
 
 
 def _read_direction(sock: socket.socket, which: int) -> bytearray | None:
+    """The crypto info of one direction; the kernel wants the exact struct size, so the
+    header (version, cipher) is read first. None when the direction is not configured."""
     name = "TLS_TX" if which == uapi.TLS_TX else "TLS_RX"
     try:
-        return bytearray(sock.getsockopt(uapi.SOL_TLS, which, MAX_CRYPTO_INFO))
+        header = sock.getsockopt(uapi.SOL_TLS, which, uapi.TLS_CRYPTO_INFO.size)
+        cipher_type = uapi.TLS_CRYPTO_INFO.unpack(header)[1]
+        layout = uapi.TLS_CIPHERS.get(cipher_type)
+        if layout is None:
+            raise TlsStateError(f"kernel {name} uses cipher {cipher_type}, unknown to XO")
+        return bytearray(sock.getsockopt(uapi.SOL_TLS, which, layout.size))
     except OSError as e:
         if e.errno == errno.EBUSY:  # this direction was never configured
             return None

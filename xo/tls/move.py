@@ -24,7 +24,7 @@ from xo.flow import Endpoint
 from xo.freeze import _Nft
 from xo.lab import Host
 from xo.tls import kernel
-from xo.tls.errors import TlsRefusedError
+from xo.tls.errors import TlsError
 
 QUIESCE_TIMEOUT_S = 1.0
 NS_PER_US = 1000
@@ -136,8 +136,8 @@ def move(sock: socket.socket, path: FlowPath, dst: Place, *,
          quiesce_timeout: float = QUIESCE_TIMEOUT_S) -> tuple[socket.socket, MoveTimes]:
     """Move `sock` to `dst` (path.front = back home). Returns the new socket and its times.
 
-    TlsRefusedError: the socket was busy; nothing changed (the flow is thawed again) and the
-    caller keeps serving `sock`.
+    TlsRefusedError (the socket was busy) or another capture error: nothing changed, the flow
+    is thawed again and the caller keeps serving `sock`.
     """
     times = MoveTimes()
     t0 = time.perf_counter_ns()
@@ -149,12 +149,12 @@ def move(sock: socket.socket, path: FlowPath, dst: Place, *,
     t2 = time.perf_counter_ns()
     try:
         tls = kernel.capture(sock) if is_tls else None
-    except TlsRefusedError:
-        path.thaw()
+        t3 = time.perf_counter_ns()
+        state = tcp.capture(sock)  # resumes the socket itself when it fails
+        t4 = time.perf_counter_ns()
+    except (TlsError, tcp.TcpError):
+        path.thaw()  # nothing changed: the socket keeps serving where it is
         raise
-    t3 = time.perf_counter_ns()
-    state = tcp.capture(sock)
-    t4 = time.perf_counter_ns()
     tcp.release(sock)
     with dst.host.enter():
         new = tcp.restore(state, local=dst.local, probe=False)
