@@ -40,6 +40,8 @@ from xo.tls import (
     unavailable_reason,
     wait_quiescent,
 )
+from xo.tls import hooks as tls_hooks
+from xo.tls.hooks import KernelTls
 from xo.v1 import offload_pb2
 
 SEQ_MAX = 2**64 - 1
@@ -420,3 +422,18 @@ def test_frontend_serves_locally_without_ktls(
     assert front.stats["local-no-ktls"] == 2 and front.stats["ktls"] == 0
     notes = [r for r in caplog.records if "served locally" in r.getMessage()]
     assert len(notes) == 1 and "kTLS" in notes[0].getMessage()
+
+
+def test_agent_hooks_without_ktls(tcp_pair: tuple[socket.socket, socket.socket],
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    if unavailable_reason() is None:
+        pytest.skip("this kernel has kTLS: the refusal path needs a kernel without it")
+    caplog.set_level(logging.WARNING, logger="xo.tls")
+    tls_hooks._log_unavailable.cache_clear()  # as in a fresh process
+    hooks = [KernelTls(), KernelTls()]
+    assert not hooks[0].supported and hooks[0].reason == unavailable_reason()
+    assert len([r for r in caplog.records if "never offloaded" in r.getMessage()]) == 1
+    assert hooks[0].capture(tcp_pair[0]) is None  # a plain TCP socket carries no TLS state
+    proto = make_state(TlsVersion.TLS_1_2, TlsCipher.CHACHA20_POLY1305).to_proto()
+    with pytest.raises(TlsUnsupportedError):
+        hooks[1].install(tcp_pair[0], proto)

@@ -7,11 +7,21 @@ check has to have proven the queues empty first.
 
 from __future__ import annotations
 
+import functools
+import logging
 import socket
 
 from xo.tls import kernel
 from xo.tls.state import TlsState
 from xo.v1 import offload_pb2
+
+log = logging.getLogger("xo.tls")
+
+
+@functools.cache
+def _log_unavailable(reason: str) -> None:
+    """Once per process, not per connection."""
+    log.warning("no kTLS: TLS connections are served locally, never offloaded: %s", reason)
 
 
 class KernelTls:
@@ -20,6 +30,8 @@ class KernelTls:
     def __init__(self) -> None:
         self.reason = kernel.unavailable_reason()
         self.supported = self.reason is None
+        if self.reason is not None:
+            _log_unavailable(self.reason)
 
     def capture(self, sock: socket.socket) -> offload_pb2.TlsState | None:
         state = kernel.capture(sock)
