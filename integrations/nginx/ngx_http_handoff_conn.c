@@ -7,6 +7,12 @@
  */
 #include "ngx_http_handoff.h"
 
+#include <netinet/tcp.h>
+
+#define XO_TCP_ULP              31   /* TCP_ULP, <linux/tcp.h> */
+#define XO_TCP_ULP_NAME_MAX     16   /* TCP_ULP_NAME_MAX */
+#define XO_PLAIN_LISTENERS      16   /* TLS listeners a worker can serve kTLS sockets on */
+
 
 static ssize_t
 ngx_http_handoff_recv(ngx_connection_t *c, u_char *buf, size_t size)
@@ -208,13 +214,121 @@ ngx_http_handoff_new_ctx(ngx_connection_t *c, xo_conn_kind_e kind, ngx_str_t *ha
 }
 
 
+/* Is the kernel doing TLS on this socket (kTLS: the "tls" upper layer protocol)? */
+static ngx_uint_t
+ngx_http_handoff_is_ktls(ngx_socket_t fd)
+{
+    char       ulp[XO_TCP_ULP_NAME_MAX];
+    socklen_t  len = sizeof(ulp);
+
+    ngx_memzero(ulp, sizeof(ulp));
+    if (getsockopt(fd, IPPROTO_TCP, XO_TCP_ULP, ulp, &len) == -1) {
+        return 0;
+    }
+    return ngx_strncmp(ulp, "tls", sizeof("tls")) == 0;
+}
+
+
+static ngx_uint_t
+ngx_http_handoff_listener_ssl(ngx_listening_t *ls)
+{
+    ngx_http_port_t  *port = ls->servers;
+
+#if (NGX_HAVE_INET6)
+    if (ls->sockaddr->sa_family == AF_INET6) {
+        return ((ngx_http_in6_addr_t *) port->addrs)[0].conf.ssl;
+    }
+#endif
+    return ((ngx_http_in_addr_t *) port->addrs)[0].conf.ssl;
+}
+
+
+/*
+ * A kTLS socket arriving on a TLS listener: the kernel already does the TLS, so nginx must serve
+ * it as plain HTTP. nginx decides that by the listener's address configuration, so use a copy
+ * of the listener whose addresses say "no ssl" (made once per listener and worker).
+ */
+static ngx_listening_t *
+ngx_http_handoff_plain_listener(ngx_listening_t *ls)
+{
+    size_t                 size;
+    ngx_uint_t             i;
+    ngx_listening_t       *copy;
+    ngx_http_port_t       *port, *nport;
+    ngx_http_in_addr_t    *addr;
+#if (NGX_HAVE_INET6)
+    ngx_http_in6_addr_t   *addr6;
+#endif
+    static ngx_listening_t  *orig[XO_PLAIN_LISTENERS], *made[XO_PLAIN_LISTENERS];
+
+    for (i = 0; i < XO_PLAIN_LISTENERS && orig[i]; i++) {
+        if (orig[i] == ls) {
+            return made[i];
+        }
+    }
+    if (i == XO_PLAIN_LISTENERS) {
+        return NULL;
+    }
+
+    port = ls->servers;
+#if (NGX_HAVE_INET6)
+    size = ls->sockaddr->sa_family == AF_INET6 ? sizeof(ngx_http_in6_addr_t)
+                                                : sizeof(ngx_http_in_addr_t);
+#else
+    size = sizeof(ngx_http_in_addr_t);
+#endif
+    copy = ngx_palloc(ngx_cycle->pool, sizeof(ngx_listening_t));
+    nport = ngx_palloc(ngx_cycle->pool, sizeof(ngx_http_port_t));
+    if (copy == NULL || nport == NULL) {
+        return NULL;
+    }
+    nport->naddrs = port->naddrs;
+    nport->addrs = ngx_pnalloc(ngx_cycle->pool, size * port->naddrs);
+    if (nport->addrs == NULL) {
+        return NULL;
+    }
+    ngx_memcpy(nport->addrs, port->addrs, size * port->naddrs);
+    for (i = 0; i < port->naddrs; i++) {
+#if (NGX_HAVE_INET6)
+        if (ls->sockaddr->sa_family == AF_INET6) {
+            addr6 = nport->addrs;
+            addr6[i].conf.ssl = 0;
+            addr6[i].conf.http2 = 0;
+            continue;
+        }
+#endif
+        addr = nport->addrs;
+        addr[i].conf.ssl = 0;
+        addr[i].conf.http2 = 0;
+    }
+    *copy = *ls;
+    copy->servers = nport;
+
+    for (i = 0; orig[i]; i++) { /* void */ }
+    orig[i] = ls;
+    made[i] = copy;
+    return copy;
+}
+
+
 ngx_connection_t *
 ngx_http_handoff_adopt(ngx_socket_t fd, ngx_listening_t *ls, xo_conn_kind_e kind,
     ngx_str_t *handoff_id, ngx_str_t *preread, ngx_log_t *log)
 {
     ngx_log_t                    *clog;
     ngx_connection_t             *c;
+    ngx_listening_t              *plain;
     ngx_http_handoff_conn_ctx_t  *ctx;
+
+    if (ngx_http_handoff_is_ktls(fd) && ngx_http_handoff_listener_ssl(ls)) {
+        plain = ngx_http_handoff_plain_listener(ls);
+        if (plain == NULL) {
+            ngx_log_error(NGX_LOG_ERR, log, 0, "handoff: no plain copy of the TLS listener");
+            close(fd);
+            return NULL;
+        }
+        ls = plain;
+    }
 
 #if (NGX_STAT_STUB)
     (void) ngx_atomic_fetch_add(ngx_stat_accepted, 1);

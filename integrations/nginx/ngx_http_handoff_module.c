@@ -566,6 +566,29 @@ ngx_http_handoff_offload_timeout(ngx_event_t *ev)
 }
 
 
+#if (NGX_HTTP_SSL)
+
+/*
+ * A TLS connection can move only when OpenSSL handed both directions to the kernel (kTLS, e.g.
+ * `ssl_conf_command Options KTLS` with a kTLS cipher) and holds nothing of its own: no
+ * decrypted bytes pending, no unsent record.
+ */
+static ngx_uint_t
+ngx_http_handoff_ktls_ready(ngx_connection_t *c)
+{
+#if defined(BIO_get_ktls_send) && defined(BIO_get_ktls_recv)
+    SSL  *ssl = c->ssl->connection;
+
+    return c->ssl->handshaked && !c->buffered && SSL_pending(ssl) == 0
+           && BIO_get_ktls_send(SSL_get_wbio(ssl)) && BIO_get_ktls_recv(SSL_get_rbio(ssl));
+#else
+    return 0;
+#endif
+}
+
+#endif
+
+
 static ngx_uint_t
 ngx_http_handoff_eligible(ngx_http_request_t *r)
 {
@@ -578,8 +601,8 @@ ngx_http_handoff_eligible(ngx_http_request_t *r)
         return 0;
     }
 #if (NGX_HTTP_SSL)
-    if (r->connection->ssl) {
-        return 0;     /* TLS handoff needs kTLS state; not done by this module yet */
+    if (r->connection->ssl && !ngx_http_handoff_ktls_ready(r->connection)) {
+        return 0;     /* the TLS state must be all in the kernel for the agent to move it */
     }
 #endif
 #if (NGX_HTTP_V2)
@@ -712,6 +735,13 @@ ngx_http_handoff_offload_result(xo_local_msg_t *msg)
 
     /* the connection now lives on the target: let go of it without FIN, RST or linger */
     ngx_http_handoff_detach(c);
+#if (NGX_HTTP_SSL)
+    if (c->ssl) {
+        /* and without a close_notify: the TLS session goes on in the kernel, elsewhere */
+        c->ssl->no_send_shutdown = 1;
+        c->ssl->no_wait_shutdown = 1;
+    }
+#endif
     r->keepalive = 0;
     r->lingering_close = 0;
     c->timedout = 0;

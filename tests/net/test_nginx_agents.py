@@ -33,6 +33,7 @@ FILES = {"small.bin": 1000, "64k.bin": 64 * 1024, "1m.bin": 1024 * 1024}
 CLIENT_RST = ("TcpOutRsts", "TcpEstabResets", "TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose")
 SERVER_RST = ("TcpOutRsts", "TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose")
 WAIT_S = 20.0  # agents compile their TC programs at start; slow on a shared machine
+WRK_CONNECTIONS = 4
 SOCKET_MODE = 0o666  # nginx workers run as nobody
 
 
@@ -210,7 +211,9 @@ def test_wrk_persistent_connections_through_agents(module_so: Path) -> None:
         base_fds = {n.host.name: n.open_fds() for n in nginx}
         before = rst_counts(site)
         url = f"http://{site.lab.vip4}/files/64k.bin"
-        out = site.client.run(["wrk", "-t2", "-c4", "-d3s", url], timeout=60).stdout
+        out = site.client.run(
+            ["wrk", "-t2", f"-c{WRK_CONNECTIONS}", "-d3s", url], timeout=60
+        ).stdout
         assert re.search(r"(\d+) requests in", out) and "Socket errors" not in out, out
         assert "Non-2xx" not in out, out
         wait_for("stub_status active", lambda: stub_active(site), 1)
@@ -221,12 +224,10 @@ def test_wrk_persistent_connections_through_agents(module_so: Path) -> None:
         assert {k: v for k, v in after.items() if not k.startswith("c0.")} == {
             k: v for k, v in before.items() if not k.startswith("c0.")
         }
-        rows = [r for b in site.backs for r in b.access()]
-        assert rows and all(
-            r["status"] == "200" and int(r["bytes"]) == FILES["64k.bin"]
-            for r in rows
-            if r["hs"] == "in"
-        )
+        rows = [r for b in site.backs for r in b.access() if r["hs"] == "in"]
+        assert rows and all(r["status"] == "200" for r in rows)
+        # wrk stops mid-response on some of its connections when its time is up
+        assert len([r for r in rows if int(r["bytes"]) != FILES["64k.bin"]]) <= WRK_CONNECTIONS
 
 
 def test_agent_down_serves_locally_then_hands_off_again(module_so: Path) -> None:

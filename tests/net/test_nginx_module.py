@@ -41,6 +41,7 @@ RST_COUNTERS = (
     "TcpEstabResets",
 )
 WAIT_S = 5.0
+WRK_CONNECTIONS = 8
 
 
 @dataclass
@@ -283,7 +284,9 @@ def test_wrk_persistent_connections_leave_no_leak(module_so: Path) -> None:
         base_fds, base_rst = fd_counts(site), server_rsts(site)
         assert stub_active(site) == 1  # the stub request itself
         url = site.url("64k.bin")
-        out = site.client.run(["wrk", "-t2", "-c8", "-d2s", url], timeout=30).stdout
+        out = site.client.run(
+            ["wrk", "-t2", f"-c{WRK_CONNECTIONS}", "-d2s", url], timeout=30
+        ).stdout
         wrk = parse_wrk(out)
         assert wrk["requests"] > 0 and wrk["socket_errors"] == 0 and wrk["non2xx"] == 0, out
         wait_for("frontend stub_status active", lambda: stub_active(site), 1)
@@ -291,7 +294,10 @@ def test_wrk_persistent_connections_leave_no_leak(module_so: Path) -> None:
         assert server_rsts(site) == base_rst
         back_rows = [r for b in site.backs for r in b.access()]
         assert back_rows and all(r["hs"] == "in" for r in back_rows)
-        assert all(r["status"] == "200" and int(r["bytes"]) == FILES["64k.bin"] for r in back_rows)
+        assert all(r["status"] == "200" for r in back_rows)
+        # wrk stops mid-response on some of its connections when its time is up
+        short = [r for r in back_rows if int(r["bytes"]) != FILES["64k.bin"]]
+        assert len(short) <= WRK_CONNECTIONS
         out_rows = [r for r in site.front.access() if r["hs"] == "out"]
         assert len(out_rows) == len(back_rows) == sum(site.agent.handed_in.values())
         assert site.agent.returned == len(back_rows)
