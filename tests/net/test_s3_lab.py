@@ -40,6 +40,22 @@ def deployment(tmp_path: Path) -> Iterator[S3Deployment]:
         yield dep
 
 
+@pytest.fixture
+def offloading(tmp_path: Path) -> Iterator[S3Deployment]:
+    """The same with an XO agent on f0 and each backend; GETs >= 1 MiB are offloaded."""
+    from xo.agent.labkit import LabAgents
+
+    with (
+        Lab(clients=1, frontends=1, backends=3) as lab,
+        LabAgents(lab, tmp_path / "agents") as agents,
+    ):
+        sockets = {h.name: agents.socket_path(h) for h in [*lab.frontends, *lab.backends]}
+        with S3Deployment(
+            lab, tmp_path / "s3", offload=True, threshold=MIB, agent_sockets=sockets, verbose=True
+        ) as dep:
+            yield dep
+
+
 def aws(dep: S3Deployment, client: Host, *args: str) -> str:
     env = {
         "PATH": os.environ.get("PATH", ""),
@@ -73,22 +89,31 @@ def s3_client(dep: S3Deployment):
     )
 
 
-def test_aws_cli_and_boto3_from_the_client_namespace(deployment: S3Deployment) -> None:
-    dep = deployment
+def test_aws_cli_and_boto3_from_the_client_namespace(offloading: S3Deployment) -> None:
+    """0 B to 64 MiB with the AWS CLI; its parallel ranged GETs of 8 MiB are offloaded."""
+    dep = offloading
     c0 = dep.lab.clients[0]
-    src, dst = dep.workdir / "src.bin", dep.workdir / "dst.bin"
-    data = os.urandom(20 * MIB)
-    src.write_bytes(data)
     aws(dep, c0, "s3", "mb", "s3://lab")
-    aws(dep, c0, "s3", "cp", str(src), "s3://lab/big.bin")
-    aws(dep, c0, "s3", "cp", "s3://lab/big.bin", str(dst))
-    assert hashlib.sha256(dst.read_bytes()).digest() == hashlib.sha256(data).digest()
-    assert "big.bin" in aws(dep, c0, "s3", "ls", "s3://lab")
+    for name, size in (("empty", 0), ("one", 1), ("big", 64 * MIB)):
+        src, dst = dep.workdir / f"{name}.src", dep.workdir / f"{name}.dst"
+        data = os.urandom(size)
+        src.write_bytes(data)
+        aws(dep, c0, "s3", "cp", str(src), f"s3://lab/{name}.bin")
+        aws(dep, c0, "s3", "cp", f"s3://lab/{name}.bin", str(dst))
+        assert hashlib.sha256(dst.read_bytes()).digest() == hashlib.sha256(data).digest(), name
+    listing = aws(dep, c0, "s3", "ls", "s3://lab")
+    assert all(f"{n}.bin" in listing for n in ("empty", "one", "big"))
+    gw_log = dep.log("gateway")
+    # the CLI downloads 64 MiB as 8 ranged GETs on parallel connections: all served by a node
+    assert gw_log.count("came back after the node served it") >= 8, gw_log[-3000:]
+    assert "did not come back in time" not in gw_log
     with c0.enter():  # boto3's sockets live in the client's namespace
         s3 = s3_client(dep)
         s3.put_object(Bucket="lab", Key="small", Body=b"0123456789")
         got = s3.get_object(Bucket="lab", Key="small", Range="bytes=2-4")
         assert got["Body"].read() == b"234"
+        got = s3.get_object(Bucket="lab", Key="big.bin", Range="bytes=1000-2000999")
+        assert got["Body"].read() == (dep.workdir / "big.src").read_bytes()[1000:2001000]
         with pytest.raises(ClientError) as e:
             s3.get_object(Bucket="lab", Key="missing")
         assert e.value.response["Error"]["Code"] == "NoSuchKey"

@@ -18,7 +18,8 @@ from xo.lab import Host, Lab
 
 GATEWAY_PORT = 9000
 NODE_PORT = 9100
-READY_TIMEOUT = 15.0
+# Generous: on a loaded 2-core machine a Python server can take many seconds to start.
+READY_TIMEOUT = 60.0
 POLL_SECONDS = 0.05
 STOP_TIMEOUT = 5.0
 ACCESS_KEY, SECRET_KEY = "XOLABKEY", "xo-lab-secret"
