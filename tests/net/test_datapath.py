@@ -389,53 +389,90 @@ print(json.dumps({"sent": total, "received": len(got), "exact": bytes(got) == da
 """
 
 
-@pytest.mark.parametrize("family", [4, 6])
-def test_live_connection_moves_frontend_to_backend(
-    lab: Lab, dp_f: Datapath, dp_b: Datapath, family: int
-) -> None:
-    """BLOCK -> capture -> restore on b0:hport -> SNAT + REDIRECT; unmodified client."""
-    tcp = pytest.importorskip("xo.tcp")
-    c, f, b = lab.clients[0], lab.frontends[0], lab.backends[0]
-    vip = Endpoint(vip_of(lab, family), VPORT + 4)
-    handoff = Endpoint(ip_of(b, family), HPORT + 4)
-    srv = listen(f, vip)
-    before_rst = rsts(c, f, b)
-    total, chunk, pace = 400_000, 4000, 0.004
-    client = c.popen(
-        [
-            sys.executable,
-            "-c",
-            CLIENT,
-            str(family),
-            str(vip.ip),
-            str(vip.port),
-            str(total),
-            str(chunk),
-            str(pace),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    conn, _ = srv.accept()
+def start_client(c: Host, vip: Endpoint, total: int) -> subprocess.Popen[str]:
+    """The unmodified client: a plain socket streaming `total` bytes, checking the echo."""
+    chunk, pace = 4000, 0.004  # ~1 MB/s: the moves happen mid-stream
+    argv = [sys.executable, "-c", CLIENT, str(vip.family), str(vip.ip), str(vip.port)]
+    return c.popen([*argv, str(total), str(chunk), str(pace)], stdout=subprocess.PIPE, text=True)
+
+
+def echo_some(sock: socket.socket, n: int) -> int:
+    """Echo at least n bytes (what one recv brings may overshoot); returns the count."""
+    done = 0
+    while done < n:
+        data = sock.recv(65536)
+        if not data:
+            raise AssertionError("client closed early")
+        sock.sendall(data)
+        done += len(data)
+    return done
+
+
+def move_to_backend(
+    lab: Lab, dp_f: Datapath, dp_b: Datapath, conn: socket.socket, handoff: Endpoint
+) -> socket.socket:
+    """Frontend -> backend: BLOCK, capture, release, SNAT, restore on handoff, REDIRECT."""
+    from xo import tcp
+
+    b = lab.backends[0]
     flow = inbound_flow(conn)
-    assert flow.vip == vip
-    # The frontend app echoes a while, then hands the connection over mid-stream.
-    echoed = 0
-    while echoed < total // 4:
-        data = conn.recv(65536)
-        conn.sendall(data)
-        echoed += len(data)
     BlockFreezer(dp_f).freeze(flow)
     state = tcp.capture(conn)
     tcp.release(conn)
-    dp_b.snat(FlowKey(flow.client, handoff), vip)
+    dp_b.snat(FlowKey(flow.client, handoff), flow.vip)
     with b.enter():
         moved = tcp.restore(state, local=handoff)
     dp_f.redirect(flow, Redirect(handoff, mac=b.mac))
     BlockFreezer(dp_f).thaw(flow)  # a no-op now: the redirect replaced the block
     assert [e.action for e in dp_f.flows() if e.flow == flow] == [Action.REDIRECT]
+    moved.settimeout(DEADLINE_S)
+    return moved
+
+
+def move_back(
+    lab: Lab, dp_f: Datapath, dp_b: Datapath, moved: socket.socket, vip: Endpoint
+) -> socket.socket:
+    """Backend -> frontend: BLOCK on the backend (client -> handoff, as F rewrote it),
+    capture, release, restore on the frontend as VIP:vport, then drop F's REDIRECT and B's
+    entries."""
+    from xo import tcp
+
+    back_flow = inbound_flow(moved)  # client -> handoff
+    # xo.tcp.capture peeks the queues with MSG_DONTWAIT; a socket in timeout mode makes
+    # Python poll for readability first, which a send-queue peek never gets (EIO after the
+    # timeout). Capture a blocking-mode socket, as an app hands it over.
+    moved.settimeout(None)
+    BlockFreezer(dp_b).freeze(back_flow)
+    state = tcp.capture(moved)
+    tcp.release(moved)
+    with lab.frontends[0].enter():
+        home = tcp.restore(state, local=vip)
+    assert dp_f.remove(FlowKey(back_flow.client, vip))
+    assert dp_b.remove(back_flow)  # the BLOCK (ingress) and the SNAT (egress)
+    assert dp_b.flows() == []
+    home.settimeout(DEADLINE_S)
+    return home
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_live_connection_moves_frontend_to_backend(
+    lab: Lab, dp_f: Datapath, dp_b: Datapath, family: int
+) -> None:
+    """BLOCK -> capture -> restore on b0:hport -> SNAT + REDIRECT; unmodified client."""
+    pytest.importorskip("xo.tcp")
+    c, f, b = lab.clients[0], lab.frontends[0], lab.backends[0]
+    vip = Endpoint(vip_of(lab, family), VPORT + 4)
+    handoff = Endpoint(ip_of(b, family), HPORT + 4)
+    srv = listen(f, vip)
+    before_rst = rsts(c, f, b)
+    total = 400_000
+    client = start_client(c, vip, total)
+    conn, _ = srv.accept()
+    flow = inbound_flow(conn)
+    assert flow.vip == vip
     try:
-        moved.settimeout(DEADLINE_S)
+        echoed = echo_some(conn, total // 4)  # the frontend app serves a while, then hands over
+        moved = move_to_backend(lab, dp_f, dp_b, conn, handoff)
         echoed += echo_until_eof(moved)
         out, _ = client.communicate(timeout=DEADLINE_S * 2)
         wait_closed(b, handoff)
@@ -443,10 +480,42 @@ def test_live_connection_moves_frontend_to_backend(
         dp_f.remove(flow)
         dp_b.remove(FlowKey(flow.client, handoff))
         srv.close()
-    result = json.loads(out)
-    assert result == {"sent": total, "received": total, "exact": True}
+    assert json.loads(out) == {"sent": total, "received": total, "exact": True}
     assert client.returncode == 0 and echoed == total
     assert rsts(c, f, b) == before_rst, "the move must not reset anything"
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_live_connection_goes_to_backend_and_back(
+    lab: Lab, dp_f: Datapath, dp_b: Datapath, family: int
+) -> None:
+    """F -> B -> F mid-stream: the return path blocks on the backend's ingress key."""
+    pytest.importorskip("xo.tcp")
+    c, f, b = lab.clients[0], lab.frontends[0], lab.backends[0]
+    vip = Endpoint(vip_of(lab, family), VPORT + 7)
+    handoff = Endpoint(ip_of(b, family), HPORT + 7)
+    srv = listen(f, vip)
+    before_rst = rsts(c, f, b)
+    total = 400_000
+    client = start_client(c, vip, total)
+    conn, _ = srv.accept()
+    flow = inbound_flow(conn)
+    try:
+        echoed = echo_some(conn, total // 4)
+        moved = move_to_backend(lab, dp_f, dp_b, conn, handoff)
+        echoed += echo_some(moved, total // 4)
+        home = move_back(lab, dp_f, dp_b, moved, vip)
+        assert inbound_flow(home) == flow
+        echoed += echo_until_eof(home)
+        out, _ = client.communicate(timeout=DEADLINE_S * 2)
+        wait_closed(f, vip)
+    finally:
+        dp_f.remove(flow)
+        dp_b.remove(FlowKey(flow.client, handoff))
+        srv.close()
+    assert json.loads(out) == {"sent": total, "received": total, "exact": True}
+    assert client.returncode == 0 and echoed == total
+    assert rsts(c, f, b) == before_rst, "neither move may reset anything"
 
 
 # --- restart, detach, bad input ---------------------------------------------------------------

@@ -43,6 +43,7 @@ from xo.datapath.program import (
     DEFAULT_MAX_FLOWS,
     PIN_ROOT,
     Program,
+    check_pinned_size,
     pin_lock,
     pins_exist,
     prepare_pin_dir,
@@ -126,6 +127,8 @@ class Datapath:
             with pin_lock():
                 prepare_pin_dir(pins)
                 reattached = pins_exist(pins)
+                if reattached:
+                    check_pinned_size(pins, max_flows)
                 try:
                     program = Program(pins, max_flows)
                 except BaseException:

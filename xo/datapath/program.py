@@ -122,6 +122,27 @@ def map_max_entries(fd: int) -> int:
     return int(info.max_entries)
 
 
+def check_pinned_size(pin_dir: Path, max_flows: int) -> None:
+    """Refuse (before compiling) to reuse a pinned table of another size: BCC would silently
+    reopen it, and resizing would mean dropping the flows in place."""
+    from bcc.libbcc import lib  # type: ignore[import-untyped]
+
+    fd = lib.bpf_obj_get(os.fsencode(pin_dir / MAP_PINS[0]))
+    if fd < 0:
+        raise DatapathError(
+            f"cannot open pinned map {pin_dir / MAP_PINS[0]}: {os.strerror(ctypes.get_errno())}"
+        )
+    try:
+        pinned = map_max_entries(fd)
+    finally:
+        os.close(fd)
+    if pinned != max_flows:
+        raise DatapathError(
+            f"the flow table pinned in {pin_dir} holds {pinned} flows, not {max_flows}: "
+            f"attach with max_flows={pinned}, or detach to resize"
+        )
+
+
 class Program:
     """One compiled copy of the TC program pair with its maps (reopened from pins if present)."""
 
@@ -151,13 +172,6 @@ class Program:
         self.stats = self.bpf[b"xo_stats"]
         self.counters = self.bpf[b"xo_counters"]
         check_sizes(self.flows.Key, self.flows.Leaf, self.stats.Leaf)
-        self.max_flows = map_max_entries(self.flows.map_fd)
-        if self.max_flows != max_flows:
-            self.close()
-            raise DatapathError(
-                f"the flow table pinned in {pin_dir} holds {self.max_flows} flows, not "
-                f"{max_flows}: attach with max_flows={self.max_flows}, or detach to resize"
-            )
 
     def close(self) -> None:
         """Drop our fds; the pinned maps and attached filters live on in the kernel."""
