@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -418,3 +419,38 @@ def test_restart_loses_nothing_acknowledged(tmp_path: Path) -> None:
         c.gateway.close()
         for n in c.nodes:
             n.close()
+
+
+def _raw_exchange(c: Cluster, request: bytes) -> tuple[bytes, bool]:
+    """Send raw bytes; (everything received, whether the gateway closed within 5 s)."""
+    host, port = c.gateway.address
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except TimeoutError:
+            return data, False
+    return data, True
+
+
+def test_rejected_requests_on_raw_sockets(cluster: Cluster) -> None:
+    # an unsigned PUT with a large unread body: 403, then the gateway closes (no hang)
+    body = b"x" * (2 * MIB)
+    data, closed = _raw_exchange(cluster, b"PUT /b/k HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body[:1000])
+    assert data.startswith(b"HTTP/1.1 403") and b"AccessDenied" in data and closed
+    # Connection: close is honoured after an error
+    data, closed = _raw_exchange(cluster, b"GET /nobucket/k HTTP/1.1\r\nHost: x\r\n"
+                                 b"Connection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 403") and closed
+    # not HTTP at all: the connection is dropped, the gateway keeps serving
+    data, closed = _raw_exchange(cluster, b"\x16\x03\x01 garbage\r\n\r\n")
+    assert data == b"" and closed
+    # a small unread body is drained and the connection stays usable
+    data, closed = _raw_exchange(cluster, b"PUT /b/k HTTP/1.1\r\nHost: x\r\nContent-Length: 3"
+                                 b"\r\n\r\nabcGET / HTTP/1.1\r\nHost: x\r\n"
+                                 b"Connection: close\r\n\r\n")
+    assert data.count(b"HTTP/1.1 403") == 2 and closed
+    assert client(cluster).list_buckets()["ResponseMetadata"]["HTTPStatusCode"] == 200

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import socket
@@ -30,7 +31,7 @@ from xo.rgw.http import (
 )
 from xo.rgw.node import ServeState
 from xo.rgw.nodeclient import NodeClient, NodeUnavailable, object_path
-from xo.rgw.offload import Offloader
+from xo.rgw.offload import Offloader, OffloadUnknown
 from xo.rgw.placement import rank
 from xo.rgw.sigv4 import AuthResult, Verifier
 from xo.rgw.store import ObjectMeta, check_bucket_name, check_key
@@ -133,7 +134,8 @@ class Gateway:
                 conn.sock.close()
 
     def _exchange(self, conn: HttpConnection, req: Request) -> HttpConnection | None:
-        """Serve one request; the connection to continue on, or None to close."""
+        """Serve one request; the connection to continue on, or None when it is closed or
+        no longer ours (offloaded and not returned)."""
         ex = Exchange(conn, req, uuid.uuid4().hex[:16].upper(),
                       dict(parse_qsl(req.query, keep_blank_values=True)), has_body(req))
         try:
@@ -161,7 +163,12 @@ class Gateway:
         if not keep:
             headers.append(("Connection", "close"))
         ex.conn.send(response_head(err.status, headers) + body)
-        return ex.conn if keep else None
+        if keep:
+            return ex.conn
+        with contextlib.suppress(OSError):
+            ex.conn.sock.shutdown(socket.SHUT_WR)  # FIN after the response
+        ex.conn.sock.close()
+        return None
 
     def _drain(self, ex: Exchange) -> bool:
         """Read and drop a small unread body (never after the client waits for 100-continue)."""
@@ -483,8 +490,12 @@ class Gateway:
             raise S3Error("InternalError", "offload without an offloader")
         conn = ex.conn
         preread = conn.take_buffer()
-        handoff = offloader.offload(conn.sock, node.spec.target, preread,
-                                           state.to_bytes())
+        try:
+            handoff = offloader.offload(conn.sock, node.spec.target, preread, state.to_bytes())
+        except OffloadUnknown as e:
+            log.error("%s; giving up this client connection", e)
+            conn.sock.close()  # our copy only: the agent holds the socket
+            return None
         if handoff is None:
             self.stats.offload_refused += 1
             conn.buf[:0] = preread

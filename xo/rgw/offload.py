@@ -13,6 +13,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "s3"
 POLL_SECONDS = 0.5
+RECONNECT_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +37,17 @@ class Returned:
     app_state: bytes
 
 
+class OffloadUnknown(Exception):
+    """The agent took the socket but never answered: the caller must not touch it again."""
+
+
 class Offloader(Protocol):
     def offload(self, sock: socket.socket, target: str, preread: bytes,
                 app_state: bytes) -> str | None:
-        """Hand `sock` to `target`: the handoff id, or None if refused (`sock` unchanged)."""
+        """Hand `sock` to `target`: the handoff id, or None if refused (`sock` unchanged).
+
+        Raises OffloadUnknown when the outcome cannot be known.
+        """
 
     def wait_return(self, handoff_id: str, timeout: float) -> Returned | None:
         """The connection back from the target, or None after `timeout` seconds."""
@@ -47,28 +56,59 @@ class Offloader(Protocol):
 
 
 class AgentOffloader:
-    """Offloads through the local XO agent (xo.app) and collects the returned connections."""
+    """Offloads through the local XO agent (xo.app) and collects the returned connections.
+
+    Without a reachable agent it refuses every offload (the gateway proxies) and retries the
+    agent at most every RECONNECT_SECONDS, so an agent restart costs offloads, not clients.
+    """
 
     def __init__(self, agent_socket: str, timeout: float) -> None:
-        from xo.app import AgentClient
-
-        self._agent: AgentClient = AgentClient(agent_socket, APP_NAME, accept_connections=True,
-                                               timeout=timeout)
+        self._path = agent_socket
+        self._timeout = timeout
         self._lock = threading.Lock()
+        self._agent: AgentClient | None = None
+        self._next_try = 0.0
         self._boxes: dict[str, queue.Queue[Returned]] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._collect, name="s3-returns", daemon=True)
-        self._thread.start()
+        self._threads: list[threading.Thread] = []
+        self._connect()
+
+    def _connect(self) -> AgentClient | None:
+        """The live agent client, connecting first if the last attempt is old enough."""
+        from xo.app import AgentClient, AgentError
+
+        with self._lock:
+            if self._agent is not None or time.monotonic() < self._next_try:
+                return self._agent
+            self._next_try = time.monotonic() + RECONNECT_SECONDS
+            try:
+                agent = AgentClient(self._path, APP_NAME, accept_connections=True,
+                                    timeout=self._timeout)
+            except (AgentError, OSError) as e:
+                log.warning("no XO agent at %s (GETs are proxied): %s", self._path, e)
+                return None
+            self._agent = agent
+            t = threading.Thread(target=self._collect, args=(agent,), name="s3-returns",
+                                 daemon=True)
+            self._threads.append(t)
+            t.start()
+            return agent
+
+    def _drop(self, agent: AgentClient) -> None:
+        with self._lock:
+            if self._agent is agent:
+                self._agent = None
+        agent.close()
 
     def _box(self, handoff_id: str) -> queue.Queue[Returned]:
         with self._lock:
             return self._boxes.setdefault(handoff_id, queue.Queue(maxsize=1))
 
-    def _collect(self) -> None:
+    def _collect(self, agent: AgentClient) -> None:
         from xo.app import Kind
 
-        while not self._stop.is_set():
-            conn = self._agent.get(timeout=POLL_SECONDS)
+        while not self._stop.is_set() and self._agent is agent:
+            conn = agent.get(timeout=POLL_SECONDS)
             if conn is None:
                 continue
             if conn.kind not in (Kind.RETURNED, Kind.CLOSED):
@@ -82,11 +122,18 @@ class AgentOffloader:
                 app_state: bytes) -> str | None:
         from xo.app import AgentError
 
-        try:
-            outcome = self._agent.offload(sock, target, preread, app_state, APP_NAME)
-        except AgentError as e:
-            log.warning("offload to %s failed: %s", target, e)
+        agent = self._connect()
+        if agent is None:
             return None
+        try:
+            outcome = agent.offload(sock, target, preread, app_state, APP_NAME)
+        except OSError as e:  # the request (and the fd) never reached the agent
+            log.warning("offload to %s failed, agent dropped: %s", target, e)
+            self._drop(agent)
+            return None
+        except AgentError as e:  # sent, but no answer: the agent may be moving the socket
+            self._drop(agent)
+            raise OffloadUnknown(f"offload to {target}: {e}") from None
         if not outcome.accepted:
             log.info("offload to %s refused: %s", target, outcome.detail)
             return None
@@ -105,8 +152,12 @@ class AgentOffloader:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2 * POLL_SECONDS)
-        self._agent.close()
+        for t in self._threads:
+            t.join(timeout=2 * POLL_SECONDS)
+        with self._lock:
+            agent, self._agent = self._agent, None
+        if agent is not None:
+            agent.close()
 
 
 class NodeAgentLink:
