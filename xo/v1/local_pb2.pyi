@@ -1,7 +1,8 @@
 from xo.v1 import offload_pb2 as _offload_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -100,8 +101,99 @@ class Returned(_message.Message):
     app_state: bytes
     def __init__(self, handoff_id: _Optional[str] = ..., flow: _Optional[_Union[_offload_pb2.Flow, _Mapping]] = ..., reason: _Optional[_Union[_offload_pb2.Reason, str]] = ..., preread: _Optional[bytes] = ..., app_state: _Optional[bytes] = ...) -> None: ...
 
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FlowStatus(_message.Message):
+    __slots__ = ("role", "handoff_id", "flow", "target", "peer", "app", "state", "ebpf_rule", "hw_rule", "age_s", "packets", "bytes")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_ID_FIELD_NUMBER: _ClassVar[int]
+    FLOW_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    APP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EBPF_RULE_FIELD_NUMBER: _ClassVar[int]
+    HW_RULE_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    handoff_id: str
+    flow: _offload_pb2.Flow
+    target: _offload_pb2.Endpoint
+    peer: str
+    app: str
+    state: str
+    ebpf_rule: str
+    hw_rule: str
+    age_s: float
+    packets: int
+    bytes: int
+    def __init__(self, role: _Optional[str] = ..., handoff_id: _Optional[str] = ..., flow: _Optional[_Union[_offload_pb2.Flow, _Mapping]] = ..., target: _Optional[_Union[_offload_pb2.Endpoint, _Mapping]] = ..., peer: _Optional[str] = ..., app: _Optional[str] = ..., state: _Optional[str] = ..., ebpf_rule: _Optional[str] = ..., hw_rule: _Optional[str] = ..., age_s: _Optional[float] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class PeerStatus(_message.Message):
+    __slots__ = ("name", "address", "healthy", "failed_checks", "flows")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    FAILED_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    FLOWS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    healthy: bool
+    failed_checks: int
+    flows: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., failed_checks: _Optional[int] = ..., flows: _Optional[int] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("agent", "interface", "uptime_s", "reattached", "flows", "peers", "hw_queue_depth", "refusals", "datapath", "apps")
+    class RefusalsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class DatapathEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class AppsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    REATTACHED_FIELD_NUMBER: _ClassVar[int]
+    FLOWS_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    HW_QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    DATAPATH_FIELD_NUMBER: _ClassVar[int]
+    APPS_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    interface: str
+    uptime_s: float
+    reattached: bool
+    flows: _containers.RepeatedCompositeFieldContainer[FlowStatus]
+    peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
+    hw_queue_depth: int
+    refusals: _containers.ScalarMap[str, int]
+    datapath: _containers.ScalarMap[str, int]
+    apps: _containers.ScalarMap[str, int]
+    def __init__(self, agent: _Optional[str] = ..., interface: _Optional[str] = ..., uptime_s: _Optional[float] = ..., reattached: _Optional[bool] = ..., flows: _Optional[_Iterable[_Union[FlowStatus, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., hw_queue_depth: _Optional[int] = ..., refusals: _Optional[_Mapping[str, int]] = ..., datapath: _Optional[_Mapping[str, int]] = ..., apps: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class LocalMessage(_message.Message):
-    __slots__ = ("hello", "hello_reply", "offload", "offload_result", "handed_in", "give_back", "give_back_result", "returned")
+    __slots__ = ("hello", "hello_reply", "offload", "offload_result", "handed_in", "give_back", "give_back_result", "returned", "status", "status_reply")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HELLO_REPLY_FIELD_NUMBER: _ClassVar[int]
     OFFLOAD_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +202,8 @@ class LocalMessage(_message.Message):
     GIVE_BACK_FIELD_NUMBER: _ClassVar[int]
     GIVE_BACK_RESULT_FIELD_NUMBER: _ClassVar[int]
     RETURNED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_REPLY_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     hello_reply: HelloReply
     offload: OffloadRequest
@@ -118,4 +212,6 @@ class LocalMessage(_message.Message):
     give_back: GiveBack
     give_back_result: GiveBackResult
     returned: Returned
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., hello_reply: _Optional[_Union[HelloReply, _Mapping]] = ..., offload: _Optional[_Union[OffloadRequest, _Mapping]] = ..., offload_result: _Optional[_Union[OffloadResult, _Mapping]] = ..., handed_in: _Optional[_Union[HandedIn, _Mapping]] = ..., give_back: _Optional[_Union[GiveBack, _Mapping]] = ..., give_back_result: _Optional[_Union[GiveBackResult, _Mapping]] = ..., returned: _Optional[_Union[Returned, _Mapping]] = ...) -> None: ...
+    status: StatusRequest
+    status_reply: StatusReply
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., hello_reply: _Optional[_Union[HelloReply, _Mapping]] = ..., offload: _Optional[_Union[OffloadRequest, _Mapping]] = ..., offload_result: _Optional[_Union[OffloadResult, _Mapping]] = ..., handed_in: _Optional[_Union[HandedIn, _Mapping]] = ..., give_back: _Optional[_Union[GiveBack, _Mapping]] = ..., give_back_result: _Optional[_Union[GiveBackResult, _Mapping]] = ..., returned: _Optional[_Union[Returned, _Mapping]] = ..., status: _Optional[_Union[StatusRequest, _Mapping]] = ..., status_reply: _Optional[_Union[StatusReply, _Mapping]] = ...) -> None: ...
