@@ -64,11 +64,13 @@ class FlowPath:
         self._front_rule = False
         self.at: Place = front  # where the flow's packets go when not frozen
 
-    def _on(self, host: Host) -> _Nft:
-        if host.netns not in self._nft:
-            with host.enter():  # the context's netlink socket lives in this namespace
+    def _run(self, host: Host, commands: str) -> None:
+        # Inside the namespace: the context's netlink socket lives there, and libnftables
+        # resolves device names (fwd to eth0) with if_nametoindex() in the caller's netns.
+        with host.enter():
+            if host.netns not in self._nft:
                 self._nft[host.netns] = _Nft()
-        return self._nft[host.netns]
+            self._nft[host.netns].run(commands)
 
     def _match(self) -> str:
         ip, c, v = self._ip, self.client, self.front.local
@@ -81,7 +83,7 @@ class FlowPath:
             f"add table {t}\nadd chain {t} in {{ type filter hook ingress device {f.ifname} "
             "priority -300; policy accept; }\n"
         )
-        self._on(f).run(f"{head}flush chain {t} in\nadd rule {t} in {self._match()} {action}\n")
+        self._run(f, f"{head}flush chain {t} in\nadd rule {t} in {self._match()} {action}\n")
         self._front_rule = True
 
     def freeze(self) -> None:
@@ -105,7 +107,8 @@ class FlowPath:
     def snat(self, back: Place) -> None:
         ip, c, v, b = self._ip, self.client, self.front.local, back.local
         t = f"inet {self._table}"
-        self._on(back.host).run(
+        self._run(
+            back.host,
             f"add table {t}\nadd chain {t} out {{ type filter hook output priority 0; "
             "policy accept; }\n"
             f"add rule {t} out {ip} saddr {b.ip} tcp sport {b.port} {ip} daddr {c.ip} "
@@ -117,10 +120,10 @@ class FlowPath:
         """Back at F: no rule on F's ingress, none on the backend's egress."""
         self.at = self.front
         if self._front_rule:
-            self._on(self.front.host).run(f"delete table netdev {self._table}\n")
+            self._run(self.front.host, f"delete table netdev {self._table}\n")
             self._front_rule = False
         if self._snat_on is not None:
-            self._on(self._snat_on).run(f"delete table inet {self._table}\n")
+            self._run(self._snat_on, f"delete table inet {self._table}\n")
             self._snat_on = None
 
     def close(self) -> None:
