@@ -134,18 +134,22 @@ class FlowStatus(_message.Message):
     def __init__(self, role: _Optional[str] = ..., handoff_id: _Optional[str] = ..., flow: _Optional[_Union[_offload_pb2.Flow, _Mapping]] = ..., target: _Optional[_Union[_offload_pb2.Endpoint, _Mapping]] = ..., peer: _Optional[str] = ..., app: _Optional[str] = ..., state: _Optional[str] = ..., ebpf_rule: _Optional[str] = ..., hw_rule: _Optional[str] = ..., age_s: _Optional[float] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class PeerStatus(_message.Message):
-    __slots__ = ("name", "address", "healthy", "failed_checks", "flows")
+    __slots__ = ("name", "address", "healthy", "failed_checks", "flows", "rtt_ms", "detail")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     FAILED_CHECKS_FIELD_NUMBER: _ClassVar[int]
     FLOWS_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     healthy: bool
     failed_checks: int
     flows: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., failed_checks: _Optional[int] = ..., flows: _Optional[int] = ...) -> None: ...
+    rtt_ms: float
+    detail: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., failed_checks: _Optional[int] = ..., flows: _Optional[int] = ..., rtt_ms: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("agent", "interface", "uptime_s", "reattached", "flows", "peers", "hw_queue_depth", "refusals", "datapath", "apps")
