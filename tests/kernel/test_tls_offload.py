@@ -38,7 +38,11 @@ PLAN = ["f0", "b0", "b0", "f0"]  # who serves request i
 SIZES = [1000, 200_000, 3000, 70_000]
 IO_TIMEOUT_S = 60.0
 SETTLE_S = 0.3
-RST_COUNTERS = ("TcpOutRsts", "TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose", "TcpEstabResets")
+# RSTs sent, and aborts, in every namespace. TcpEstabResets counts any ESTABLISHED -> CLOSE,
+# which a silent close in repair mode (the moved-away socket) is too: only the client's counts.
+RST_COUNTERS = ("TcpOutRsts", "TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose",
+                "TcpExtTCPAbortOnTimeout")
+CLIENT_RESETS = "TcpEstabResets"
 HEADER_END = b"\r\n\r\n"
 
 
@@ -131,7 +135,10 @@ def read_response(stream: Callable[[int], bytes]) -> bytes:
 
 
 def _rsts(hosts: list[Host]) -> dict[str, int]:
-    return {f"{h.name}:{k}": h.nstat().get(k, 0) for h in hosts for k in RST_COUNTERS}
+    """hosts[0] is the client."""
+    out = {f"{h.name}:{k}": h.nstat().get(k, 0) for h in hosts for k in RST_COUNTERS}
+    out[f"{hosts[0].name}:{CLIENT_RESETS}"] = hosts[0].nstat().get(CLIENT_RESETS, 0)
+    return out
 
 
 @pytest.fixture(autouse=True)

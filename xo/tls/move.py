@@ -16,6 +16,7 @@ their removal) -> xo.tcp.nudge (the window probe: the client talks again).
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ from xo.flow import Endpoint
 from xo.freeze import _Nft
 from xo.lab import Host
 from xo.tls import kernel
-from xo.tls.errors import TlsError
+from xo.tls.errors import TlsError, TlsRefusedError
 
 QUIESCE_TIMEOUT_S = 1.0
 NS_PER_US = 1000
@@ -142,6 +143,11 @@ def move(sock: socket.socket, path: FlowPath, dst: Place, *,
     TlsRefusedError (the socket was busy) or another capture error: nothing changed, the flow
     is thawed again and the caller keeps serving `sock`.
     """
+    if isinstance(sock, ssl.SSLSocket):
+        raise TlsRefusedError(
+            TlsRefusedError.NO_KTLS,
+            "TLS is terminated in user space on this socket: its record state cannot move",
+        )
     times = MoveTimes()
     t0 = time.perf_counter_ns()
     is_tls = kernel.ulp_of(sock) == kernel.ULP_TLS.decode()
