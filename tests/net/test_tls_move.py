@@ -5,6 +5,7 @@ space here, is served locally and refused by move() with the reason.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import ssl
@@ -49,11 +50,12 @@ def _rsts(hosts: list[Host]) -> dict[str, int]:
     return out
 
 
-def _connect(lab: Lab) -> tuple[socket.socket, socket.socket, Place]:
+def _connect(lab: Lab, family: int = 4) -> tuple[socket.socket, socket.socket, Place]:
     f, c = lab.frontends[0], lab.clients[0]
-    home = Place(f, Endpoint(lab.vip4, PORT))
+    home = Place(f, Endpoint(lab.vip4 if family == 4 else lab.vip6, PORT))
     with f.enter():
-        lsock = socket.create_server(home.local.sockaddr())
+        lsock = socket.create_server(
+            home.local.sockaddr(), family=socket.AF_INET if family == 4 else socket.AF_INET6)
     with c.enter():
         client = socket.create_connection(home.local.sockaddr(), timeout=IO_TIMEOUT_S)
     server, _ = lsock.accept()
@@ -70,13 +72,14 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return out
 
 
-def test_plain_tcp_moves_there_and_back(lab: Lab) -> None:
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_plain_tcp_moves_there_and_back(lab: Lab, family: int) -> None:
     c, f, b = lab.clients[0], lab.frontends[0], lab.backends[0]
     before = _rsts([c, f, b])
-    server, client, home = _connect(lab)
-    away = Place(b, Endpoint(b.ip4, BACK_PORT))
+    server, client, home = _connect(lab, family)
+    away = Place(b, Endpoint(b.ip4 if family == 4 else b.ip6, BACK_PORT))
     addr = client.getsockname()
-    path = FlowPath(home, Endpoint.parse(f"{addr[0]}:{addr[1]}"))
+    path = FlowPath(home, Endpoint(ipaddress.ip_address(addr[0]), addr[1]))
     try:
         for hop, dst in enumerate((away, home)):
             server.sendall(b"before %d" % hop)
@@ -85,7 +88,7 @@ def test_plain_tcp_moves_there_and_back(lab: Lab) -> None:
             client.sendall(b"during %d" % hop)  # dropped, retransmitted to the moved socket
             time.sleep(SETTLE_S)
             server, times = move(server, path, dst)
-            assert server.getsockname() == dst.local.sockaddr()
+            assert server.getsockname()[:2] == dst.local.sockaddr()
             assert times.tls_install_us < times.blackout_us
             server.settimeout(IO_TIMEOUT_S)
             assert _recv_exact(server, 8) == b"during %d" % hop

@@ -9,6 +9,7 @@ examples:
   xo agent -c agent.toml -v                      log every handoff (never state bytes)
   xo agent -c agent.toml --timings phases.jsonl  append per-handoff phase times (benchmarks)
   xo agent -c agent.toml --detach-on-exit        remove the TC programs and flows at exit
+  xo agent -c agent.toml --log-format json       JSON lines (no key or state bytes, ever)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 from xo.agent.config import ConfigError, load
+from xo.agent.jsonlog import JsonFormatter
 from xo.lab import LabError, netns_entered
 
 
@@ -29,6 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: info, -vv: debug")
     parser.add_argument("--timings", type=Path, help="append phase timings as JSON lines")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one JSON object per line (xo.agent.jsonlog)")
     parser.add_argument("--detach-on-exit", action="store_true",
                         help="remove the datapath (programs, pinned flows) when stopping")
 
@@ -36,6 +40,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     try:
         cfg = load(args.config)
     except ConfigError as e:

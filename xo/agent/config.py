@@ -10,6 +10,7 @@ silently disable a setting):
     netns = "lab-b0"                 # optional: run in this network namespace (/run/netns)
     pin_dir = "/run/xo/bpffs/b0"     # optional: where the datapath pins its maps
     handoff_timeout_ms = 1000        # optional: owner gives up on a Handoff reply after this
+    metrics = "127.0.0.1:9464"       # optional: Prometheus endpoint (default off; loopback!)
 
     [handoff]                        # where restored (handed-in) sockets bind on this host
     addresses = ["198.18.0.3"]
@@ -95,6 +96,7 @@ class AgentConfig:
     pin_dir: Path | None = None
     netns: str | None = None
     handoff_timeout_ms: int = DEFAULT_HANDOFF_TIMEOUT_MS
+    metrics: str | None = None  # ADDR:PORT of GET /metrics; None: no endpoint
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
@@ -218,6 +220,10 @@ def parse(data: dict[str, Any], base: Path) -> AgentConfig:
         netns=_take(data, "netns", str, "config", None) or None,
         handoff_timeout_ms=_take(data, "handoff_timeout_ms", int, "config",
                                  DEFAULT_HANDOFF_TIMEOUT_MS),
+        metrics=(
+            _host_port(m, "config.metrics") if (m := _take(data, "metrics", str, "config", None))
+            else None
+        ),
         handoff=_handoff(dict(_take(data, "handoff", dict, "config"))),
         tls=_tls(dict(_take(data, "tls", dict, "config")), base),
         local=_local(dict(_take(data, "local", dict, "config")), base),
@@ -262,6 +268,8 @@ def dumps(cfg: AgentConfig) -> str:
     if cfg.netns:
         top["netns"] = cfg.netns
     top["handoff_timeout_ms"] = cfg.handoff_timeout_ms
+    if cfg.metrics:
+        top["metrics"] = cfg.metrics
     lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
     addrs = _toml_value([str(a) for a in cfg.handoff.addresses])
     lines += ["", "[handoff]", f"addresses = {addrs}",

@@ -12,6 +12,7 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
@@ -93,9 +94,13 @@ class Context:
     rules: RuleQueue = field(default_factory=NoRuleQueue)
     tls: TlsHooks = field(default_factory=NoTls)
     timings: IO[str] | None = None
+    # Sees every record too (kind, handoff id, phases in µs): the agent's metrics.
+    observer: Callable[[str, str, dict[str, float]], None] | None = None
 
     def record(self, kind: str, handoff_id: str, phases: dict[str, float]) -> None:
         """Append one JSON line of phase timings (benchmarks read it); never state bytes."""
+        if self.observer is not None:
+            self.observer(kind, handoff_id, phases)
         if self.timings is None:
             return
         line = {"agent": self.cfg.name, "kind": kind, "id": handoff_id, "us": phases}

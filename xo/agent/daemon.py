@@ -20,8 +20,9 @@ from xo.agent.config import AgentConfig
 from xo.agent.context import Context, open_timings
 from xo.agent.framing import Frame
 from xo.agent.local import AppConn, LocalServer
+from xo.agent.ops import CountingService, Ops
 from xo.agent.owner import Owner
-from xo.agent.service import OffloadService
+from xo.agent.status import Sources
 from xo.agent.target import Target
 from xo.datapath import Datapath
 from xo.v1 import local_pb2, offload_pb2_grpc
@@ -40,21 +41,25 @@ class Agent:
         self.target: Target | None = None
         self._server: grpc.aio.Server | None = None
         self._health: asyncio.Task[None] | None = None
+        self.ops = Ops()  # metrics, `xo status`
 
     async def start(self) -> None:
         cfg = self.cfg
         dp = self.dp
         local = LocalServer(cfg.local, self._on_frame)
         self.ctx = ctx = Context(cfg, dp, local, rpc.Channels(cfg),
-                                 timings=open_timings(self._timings_path))
+                                 timings=open_timings(self._timings_path),
+                                 observer=self.ops.record)
         self.owner, self.target = Owner(ctx), Target(ctx)
         self.owner.reconcile()
         server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
         offload_pb2_grpc.add_OffloadServicer_to_server(
-            OffloadService(ctx, self.owner, self.target), server)
+            CountingService(self.ops, ctx, self.owner, self.target), server)
         server.add_secure_port(cfg.listen, rpc.server_credentials(cfg.tls))
         await server.start()
         self._server = server
+        await self.ops.start(Sources(ctx, self.owner, self.target, self.ops.ages,
+                                     dp.reattached), cfg.metrics)
         local.start()
         self._health = asyncio.get_running_loop().create_task(self.owner.health())
         log.info("agent %s: gRPC on %s, apps on %s, datapath on %s%s", cfg.name, cfg.listen,
@@ -65,7 +70,9 @@ class Agent:
         if ctx is None or owner is None or target is None:
             return  # not started yet: the frame (and its fd) is closed by the caller
         body = frame.msg.WhichOneof("body")
-        if body == "hello":
+        if body == "status":  # operators (`xo status`) need no Hello
+            await conn.send(local_pb2.LocalMessage(status_reply=await self.ops.status()))
+        elif body == "hello":
             conn.app, conn.accepts = frame.msg.hello.app, frame.msg.hello.accept_connections
             ok = bool(conn.app)
             await conn.send(local_pb2.LocalMessage(hello_reply=local_pb2.HelloReply(
@@ -75,15 +82,18 @@ class Agent:
             log.warning("app connection sent %s before Hello: ignored", body)
         elif body == "offload":
             res = await owner.offload(conn, frame.msg.offload, frame.take_fd())
+            self.ops.metrics.offload(res)
             await conn.send(local_pb2.LocalMessage(offload_result=res))
         elif body == "give_back":
             gb = await target.give_back(conn, frame.msg.give_back, frame.take_fd())
+            self.ops.metrics.give_back(gb)
             await conn.send(local_pb2.LocalMessage(give_back_result=gb))
         else:
             log.warning("app %r sent unexpected %s: ignored", conn.app, body)
 
     async def stop(self) -> None:
         """Stop serving; the datapath (owned by the caller) keeps its pinned flows."""
+        await self.ops.stop()
         if self._health is not None:
             self._health.cancel()
             with contextlib.suppress(asyncio.CancelledError):
