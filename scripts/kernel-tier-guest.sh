@@ -14,10 +14,10 @@ done
 # bpffs for tests that pin maps (not mounted by default).
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf 2>/dev/null || true
 
-mode=${1:?usage: kernel-tier-guest.sh --pytest [ARGS] | --exec CMD [ARGS]}
+mode=${1:?usage: kernel-tier-guest.sh --pytest [FILES] [ARGS] | --exec CMD [ARGS]}
 shift
 case "$mode" in
   --exec) exec "$@" ;;
-  --pytest) exec .venv/bin/pytest -m kernel -p no:cacheprovider tests "$@" ;;
+  --pytest) exec .venv/bin/pytest -m kernel -p no:cacheprovider --durations=5 "$@" ;;
   *) echo "kernel-tier guest: unknown mode $mode" >&2; exit 2 ;;
 esac

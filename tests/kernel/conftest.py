@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-NETDEVSIM_BUS = Path("/sys/bus/netdevsim")
+from xo.hwrules.netdevsim import Netdevsim
+
 NETDEVSIM_ID = 7  # bus device id of the test device; arbitrary but unique within the VM
-DEVICE_APPEAR_TIMEOUT_S = 5.0
-POLL_S = 0.05
 
 
 def in_vm() -> bool:
@@ -54,48 +52,11 @@ def netdevsim_dir() -> Path:
     return Path(value)
 
 
-class Netdevsim:
-    """One netdevsim device with one port, from a chosen build of the module."""
-
-    def __init__(self, ko: Path) -> None:
-        self.ko = ko
-        self.ifname = ""
-
-    def load(self) -> str:
-        """Insert the module, create the device, return its netdev name (hw-tc-offload on)."""
-        _unload()
-        _require_module("psample")  # netdevsim's one module dependency
-        subprocess.run(["insmod", str(self.ko)], check=True, capture_output=True)
-        (NETDEVSIM_BUS / "new_device").write_text(f"{NETDEVSIM_ID} 1")
-        net = NETDEVSIM_BUS / "devices" / f"netdevsim{NETDEVSIM_ID}" / "net"
-        deadline = time.monotonic() + DEVICE_APPEAR_TIMEOUT_S
-        while not (net.is_dir() and any(net.iterdir())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"netdevsim{NETDEVSIM_ID}: no netdev after {self.ko}")
-            time.sleep(POLL_S)
-        # udev in the guest renames the port (eth0 -> eni7np1): let it finish first.
-        subprocess.run(["udevadm", "settle", f"--timeout={DEVICE_APPEAR_TIMEOUT_S:.0f}"],
-                       capture_output=True)
-        self.ifname = sorted(p.name for p in net.iterdir())[0]
-        subprocess.run(["ip", "link", "set", self.ifname, "up"], check=True)
-        subprocess.run(["ethtool", "-K", self.ifname, "hw-tc-offload", "on"], check=True)
-        return self.ifname
-
-    def unload(self) -> None:
-        if (NETDEVSIM_BUS / "del_device").exists():
-            (NETDEVSIM_BUS / "del_device").write_text(f"{NETDEVSIM_ID}")
-        _unload()
-
-
-def _unload() -> None:
-    if Path("/sys/module/netdevsim").exists():
-        subprocess.run(["rmmod", "netdevsim"], check=True)
-
-
 @pytest.fixture
 def netdevsim_stock(netdevsim_dir: Path) -> Iterator[Netdevsim]:
     """A device of the unmodified module: it refuses flower offload."""
-    dev = Netdevsim(netdevsim_dir / "stock" / "netdevsim.ko")
+    _require_module("psample")
+    dev = Netdevsim(netdevsim_dir / "stock" / "netdevsim.ko", NETDEVSIM_ID)
     dev.load()
     try:
         yield dev
@@ -106,7 +67,8 @@ def netdevsim_stock(netdevsim_dir: Path) -> Iterator[Netdevsim]:
 @pytest.fixture
 def netdevsim_flower(netdevsim_dir: Path) -> Iterator[Netdevsim]:
     """A device of the patched module: skip_sw flower rules report in_hw (control plane only)."""
-    dev = Netdevsim(netdevsim_dir / "flower" / "netdevsim.ko")
+    _require_module("psample")
+    dev = Netdevsim(netdevsim_dir / "flower" / "netdevsim.ko", NETDEVSIM_ID)
     dev.load()
     try:
         yield dev

@@ -11,6 +11,7 @@ client's TLS session never errors, zero RST counted in every namespace.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import re
 import socket
@@ -56,17 +57,18 @@ class PlanServer:
 
     lab: Lab
     front: TlsFrontend
+    family: int = 4
     served: list[tuple[str, str]] = field(default_factory=list)
     moves: list[MoveTimes] = field(default_factory=list)
     error: BaseException | None = None
 
     def __post_init__(self) -> None:
-        f = self.lab.frontends[0]
-        self.home = Place(f, Endpoint(self.lab.vip4, PORT))
-        b = self.lab.backends[0]
-        self.away = Place(b, Endpoint(b.ip4, BACK_PORT))
+        f, b, v4 = self.lab.frontends[0], self.lab.backends[0], self.family == 4
+        self.home = Place(f, Endpoint(self.lab.vip4 if v4 else self.lab.vip6, PORT))
+        self.away = Place(b, Endpoint(b.ip4 if v4 else b.ip6, BACK_PORT))
         with f.enter():
-            self.lsock = socket.create_server(self.home.local.sockaddr())
+            self.lsock = socket.create_server(
+                self.home.local.sockaddr(), family=socket.AF_INET if v4 else socket.AF_INET6)
         self.lsock.settimeout(IO_TIMEOUT_S)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -81,7 +83,7 @@ class PlanServer:
         raw, addr = self.lsock.accept()
         self.lsock.close()
         conn = self.front.accept(raw)
-        path = FlowPath(self.home, Endpoint.parse(f"{addr[0]}:{addr[1]}"))
+        path = FlowPath(self.home, Endpoint(ipaddress.ip_address(addr[0]), addr[1]))
         at, buf = self.home, b""
         try:
             for i, who in enumerate(PLAN):
@@ -92,7 +94,7 @@ class PlanServer:
                     conn, times = move(conn, path, dst)
                     self.moves.append(times)
                     at = dst
-                self.served.append((at.host.name, conn.getsockname()[0]))
+                self.served.append((at.host.name, str(ipaddress.ip_address(conn.getsockname()[0]))))
                 data = body(i)
                 conn.sendall(
                     b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Served-By: %s\r\n\r\n"
@@ -161,7 +163,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[ServerTls, Path]:
 def _check(lab: Lab, server: PlanServer, before: dict[str, int]) -> None:
     server.join()
     f, b = lab.frontends[0], lab.backends[0]
-    addr = {f.name: str(lab.vip4), b.name: str(b.ip4)}
+    addr = {f.name: str(server.home.local.ip), b.name: str(server.away.local.ip)}
     assert server.served == [(who, addr[who]) for who in PLAN]
     assert len(server.moves) == 2
     time.sleep(SETTLE_S)
@@ -235,15 +237,17 @@ def test_curl(lab: Lab, pki: tuple[ServerTls, Path], tmp_path: Path, version: st
     _check(lab, server, before)
 
 
-PY_CASES = [("1.2", c) for c in TLS12] + [("1.3", "default")]
+PY_CASES = [("1.2", c, 4) for c in TLS12] + [("1.3", "default", 4), ("1.3", "default", 6)]
 
 
-@pytest.mark.parametrize(("version", "cipher"), PY_CASES, ids=[c for _, c in PY_CASES])
-def test_python_ssl(lab: Lab, pki: tuple[ServerTls, Path], version: str, cipher: str) -> None:
+@pytest.mark.parametrize(("version", "cipher", "family"), PY_CASES,
+                         ids=[f"{c}-ipv{f}" for _, c, f in PY_CASES])
+def test_python_ssl(lab: Lab, pki: tuple[ServerTls, Path], version: str, cipher: str,
+                    family: int) -> None:
     config, ca = pki
     c = lab.clients[0]
     before = _rsts([c, lab.frontends[0], lab.backends[0]])
-    server = PlanServer(lab, TlsFrontend(config))
+    server = PlanServer(lab, TlsFrontend(config), family)
     ctx = ssl.create_default_context(cafile=str(ca))
     if version == "1.2":
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -251,7 +255,7 @@ def test_python_ssl(lab: Lab, pki: tuple[ServerTls, Path], version: str, cipher:
     else:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     with c.enter():
-        raw = socket.create_connection((str(lab.vip4), PORT), timeout=IO_TIMEOUT_S)
+        raw = socket.create_connection(server.home.local.sockaddr(), timeout=IO_TIMEOUT_S)
     with ctx.wrap_socket(raw, server_hostname=HOST) as tls:
         reader = tls.makefile("rb")
         for i in range(len(PLAN)):

@@ -12,12 +12,14 @@ See docs/hwrules.md.
 """
 
 from xo.hwrules.policy import DEFAULT_THRESHOLD, SizePolicy
+from xo.hwrules.queue import FINAL as FINAL_STATES
 from xo.hwrules.queue import HwRuleQueue, QueueClosed, RuleState, Ticket
-from xo.hwrules.rules import FlowerRule, Placement, block_rule, redirect_rule
+from xo.hwrules.rules import FlowerRule, Placement, block_rule, redirect_rule, snat_rule
 from xo.hwrules.transport import NetlinkTransport, RuleRejected, Transport
 
 __all__ = [
     "DEFAULT_THRESHOLD",
+    "FINAL_STATES",
     "FlowerRule",
     "HwRuleQueue",
     "NetlinkTransport",
@@ -30,4 +32,5 @@ __all__ = [
     "Transport",
     "block_rule",
     "redirect_rule",
+    "snat_rule",
 ]

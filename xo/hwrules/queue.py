@@ -46,7 +46,7 @@ class RuleState(enum.Enum):
     REMOVED = "removed"
 
 
-FINAL = {RuleState.FAILED, RuleState.CANCELLED, RuleState.REMOVED}
+FINAL = frozenset({RuleState.FAILED, RuleState.CANCELLED, RuleState.REMOVED})
 INSTALLED = {RuleState.IN_HW, RuleState.IN_SW}
 
 

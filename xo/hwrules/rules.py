@@ -4,7 +4,8 @@ Why the same semantics: the flower rule replaces the eBPF map entry for the flow
 holds it, so it must do exactly what bpf/xo_tc.c does on ingress: match the client -> VIP
 4-tuple; REDIRECT rewrites the destination MAC, IP and port and the source MAC, fixes the
 checksums (IPv4 header + TCP; TCP only for IPv6) and sends the packet out `ifindex` (egress,
-like bpf_redirect(ifindex, 0)); BLOCK drops it.
+like bpf_redirect(ifindex, 0)); BLOCK drops it. SNAT, on the backend's egress, rewrites the
+source IP and port of the replies back to the VIP:port (csum, then the packet goes on).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 from pyroute2 import protocols
 
 from xo.datapath.layout import Redirect, parse_mac
-from xo.flow import FlowKey
-from xo.tc import INGRESS
+from xo.flow import Endpoint, FlowKey
+from xo.tc import EGRESS, INGRESS
 
 # One flower instance per (prio, protocol) on a hook: IPv4 and IPv6 rules need their own prio.
 PRIO = {4: 10, 6: 11}
@@ -36,9 +37,14 @@ class Placement(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class FlowerRule:
-    """One flower filter: where it hangs (ifindex, parent, prio, handle) and what it does."""
+    """One flower filter: where it hangs (ifindex, parent, prio, handle) and what it does.
+
+    `flow` names the owner (the queue keys rules by it); src -> dst is the 4-tuple matched.
+    """
 
     flow: FlowKey
+    src: Endpoint
+    dst: Endpoint
     ifindex: int
     prio: int
     protocol: int
@@ -52,13 +58,13 @@ class FlowerRule:
         return replace(self, handle=handle)
 
     def match(self) -> dict[str, Any]:
-        """The flower keys: the client -> VIP 4-tuple."""
+        """The flower keys: the matched TCP 4-tuple."""
         return {
             "ip_proto": "tcp",
-            "src_ip": str(self.flow.client.ip),
-            "dst_ip": str(self.flow.vip.ip),
-            "src_port": self.flow.client.port,
-            "dst_port": self.flow.vip.port,
+            "src_ip": str(self.src.ip),
+            "dst_ip": str(self.dst.ip),
+            "src_port": self.src.port,
+            "dst_port": self.dst.port,
         }
 
     def locator(self) -> dict[str, Any]:
@@ -109,7 +115,8 @@ def redirect_rule(flow: FlowKey, target: Redirect, ifindex: int, mac: str,
         {"kind": "csum", "action": "pipe", "update": CSUM_TARGETS[family]},
         {"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": out},
     )
-    return FlowerRule(flow, ifindex, PRIO[family], ETH_TYPE[family], actions, placement,
+    return FlowerRule(flow, flow.client, flow.vip, ifindex, PRIO[family], ETH_TYPE[family],
+                      actions, placement,
                       description=f"redirect {flow} -> {target.to} via ifindex {out}")
 
 
@@ -118,5 +125,28 @@ def block_rule(flow: FlowKey, ifindex: int,
     """The flower twin of Datapath.block(flow): drop the client's packets."""
     flow, ifindex = _hook(flow, ifindex)
     actions = ({"kind": "gact", "action": "drop"},)
-    return FlowerRule(flow, ifindex, PRIO[flow.family], ETH_TYPE[flow.family], actions,
-                      placement, description=f"block {flow}")
+    return FlowerRule(flow, flow.client, flow.vip, ifindex, PRIO[flow.family],
+                      ETH_TYPE[flow.family], actions, placement, description=f"block {flow}")
+
+
+def snat_rule(flow: FlowKey, as_endpoint: Endpoint, ifindex: int,
+              placement: Placement = Placement.ANY) -> FlowerRule:
+    """The flower twin of Datapath.snat(flow, as_endpoint) on the backend's egress.
+
+    flow is client -> local (the restored socket's address); packets local -> client leave
+    with source as_endpoint (the VIP:port the client dialled).
+    """
+    flow, ifindex = _hook(flow, ifindex)
+    if not isinstance(as_endpoint, Endpoint) or as_endpoint.family != flow.family:
+        raise ValueError(f"source rewrite of IPv{flow.family} flow {flow} to {as_endpoint!r}")
+    family = flow.family
+    actions = (
+        {"kind": "pedit", "action": "pipe", "keys": [
+            (PEDIT_IP[family], "src", str(as_endpoint.ip)),
+            ("tcp", "sport", as_endpoint.port),
+        ]},
+        {"kind": "csum", "action": "ok", "update": CSUM_TARGETS[family]},
+    )
+    return FlowerRule(flow, flow.vip, flow.client, ifindex, PRIO[family], ETH_TYPE[family],
+                      actions, placement, parent=EGRESS,
+                      description=f"snat {flow.vip} -> {as_endpoint} for {flow.client}")
