@@ -182,6 +182,7 @@ def test_ranges(cluster: Cluster) -> None:
         assert got["Body"].read() == expected
         assert got["ContentRange"] == content_range
         assert got["ResponseMetadata"]["HTTPStatusCode"] == 206
+    assert cluster.gateway.stats.proxied == 4  # no agent: every GET is proxied
     with pytest.raises(ClientError) as e:
         s3.get_object(Bucket="rng", Key="k", Range="bytes=1000-")
     assert code(e) == "InvalidRange"

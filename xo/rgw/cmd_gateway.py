@@ -52,4 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"s3-gateway listening on {host}:{port} ({mode}, {len(config.nodes)} nodes)",
               flush=True)
         wait_for_signal()
+        s = gw.stats
+        print(f"s3-gateway: {s.proxied} GETs proxied, {s.offloaded} offloaded, "
+              f"{s.offload_refused} offloads refused", flush=True)
     return 0

@@ -11,9 +11,10 @@ import contextlib
 import json
 import logging
 import socket
+import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from urllib.parse import parse_qsl, unquote
 
@@ -78,9 +79,16 @@ class Exchange:
 
 @dataclass
 class Stats:
+    """GETs by how they were served (counted under a lock: connection threads race)."""
+
     offloaded: int = 0
     proxied: int = 0
     offload_refused: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, name: str) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + 1)
 
 
 class Gateway:
@@ -497,7 +505,7 @@ class Gateway:
             conn.sock.close()  # our copy only: the agent holds the socket
             return None
         if handoff is None:
-            self.stats.offload_refused += 1
+            self.stats.count("offload_refused")
             conn.buf[:0] = preread
             return self._proxy_get(ex, node, state)
         conn.sock.close()
@@ -508,14 +516,14 @@ class Gateway:
             return None
         if back.sock is None:
             log.debug("client closed %s while it was offloaded", handoff)
-            self.stats.offloaded += 1
+            self.stats.count("offloaded")
             return None
         self.server.adopt(back.sock)
         returned = HttpConnection(back.sock, back.preread)
         ex.conn = returned
         if _served(back.app_state):
             log.debug("%s came back after the node served it", handoff)
-            self.stats.offloaded += 1
+            self.stats.count("offloaded")
             return returned
         log.info("%s came back unserved; proxying", handoff)
         return self._proxy_get(ex, node, state)
@@ -533,7 +541,7 @@ class Gateway:
             if head_sent:
                 raise ConnectionClosed(f"node failed in the middle of a GET: {e}") from None
             raise _NodeFailedBeforeHead(str(e)) from None
-        self.stats.proxied += 1
+        self.stats.count("proxied")
         return ex.conn
 
     def _placed_write(self, bucket: str, key: str,

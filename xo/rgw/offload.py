@@ -161,23 +161,42 @@ class AgentOffloader:
 
 
 class NodeAgentLink:
-    """A storage node's link to its agent: serves every handed-in connection, gives it back."""
+    """A storage node's link to its agent: serves every handed-in connection, gives it back.
+
+    The node starts without waiting for its agent: the link connects (and reconnects after a
+    failed give-back) every RECONNECT_SECONDS in the background.
+    """
 
     def __init__(self, node: StorageNode, agent_socket: str, timeout: float) -> None:
-        from xo.app import AgentClient
-
         self._node = node
-        self._agent: AgentClient = AgentClient(agent_socket, APP_NAME, accept_connections=True,
-                                               timeout=timeout)
+        self._path = agent_socket
+        self._timeout = timeout
+        self._agent: AgentClient | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="s3-handed-in", daemon=True)
         self._thread.start()
+
+    def _connect(self) -> AgentClient | None:
+        from xo.app import AgentClient, AgentError
+
+        try:
+            return AgentClient(self._path, APP_NAME, accept_connections=True,
+                               timeout=self._timeout)
+        except (AgentError, OSError) as e:
+            log.warning("no XO agent at %s (retrying): %s", self._path, e)
+            return None
 
     def _loop(self) -> None:
         from xo.app import Kind
 
         while not self._stop.is_set():
-            conn = self._agent.get(timeout=POLL_SECONDS)
+            agent = self._agent
+            if agent is None:
+                self._agent = agent = self._connect()
+                if agent is None:
+                    self._stop.wait(RECONNECT_SECONDS)
+                    continue
+            conn = agent.get(timeout=POLL_SECONDS)
             if conn is None:
                 continue
             if conn.kind is not Kind.HANDED_IN or conn.sock is None:
@@ -185,24 +204,28 @@ class NodeAgentLink:
                 if conn.sock is not None:
                     conn.sock.close()
                 continue
-            threading.Thread(target=self._serve, args=(conn.sock, conn.handoff_id,
+            threading.Thread(target=self._serve, args=(agent, conn.sock, conn.handoff_id,
                              conn.preread, conn.app_state), daemon=True).start()
 
-    def _serve(self, sock: socket.socket, handoff_id: str, preread: bytes,
-               app_state: bytes) -> None:
+    def _serve(self, agent: AgentClient, sock: socket.socket, handoff_id: str,
+               preread: bytes, app_state: bytes) -> None:
         from xo.app import AgentError
 
         def give_back(s: socket.socket, rest: bytes, state: bytes) -> None:
-            self._agent.give_back(s, handoff_id, rest, state)
+            agent.give_back(s, handoff_id, rest, state)
 
         try:
             self._node.serve_handed_in(sock, preread, app_state, give_back)
         except (AgentError, OSError) as e:
-            log.warning("handed-in connection %s failed: %s", handoff_id, e)
+            log.error("give-back of %s failed, the connection is lost: %s", handoff_id, e)
+            if self._agent is agent:
+                self._agent = None
+                agent.close()
         finally:
             sock.close()
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2 * POLL_SECONDS)
-        self._agent.close()
+        self._thread.join(timeout=RECONNECT_SECONDS + POLL_SECONDS)
+        if self._agent is not None:
+            self._agent.close()
