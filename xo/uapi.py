@@ -64,6 +64,10 @@ TCP_REPAIR_WINDOW_STRUCT = struct.Struct("=IIIII")
 # options, (snd_wscale:4 | rcv_wscale:4), (delivery_rate_app_limited:1 | fastopen_client_fail:2)
 TCP_INFO_HEAD = struct.Struct("=BBBBBBBB")
 TCP_INFO_LEN = 232  # read generously; the kernel copies min(len, sizeof(struct tcp_info))
+# tcpi_bytes_sent, tcpi_bytes_retrans (__u64 each, at this offset): bytes put on the wire,
+# so new data sent = delta(sent) - delta(retrans), unlike snd_nxt which repair can move.
+TCP_INFO_BYTES_SENT_OFFSET = 200
+TCP_INFO_BYTES_SENT = struct.Struct("=QQ")
 
 # --- include/uapi/asm-generic/socket.h -------------------------------------------------------
 # Like SO_SNDBUF/SO_RCVBUF but ignore net.core.[rw]mem_max (need CAP_NET_ADMIN). The kernel

@@ -11,13 +11,19 @@ and ~1 MiB queues, idle and busy client.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
+import socket
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
+from xo import tcp, uapi
+from xo.freeze import NftFreezer, inbound_flow
 from xo.lab import Lab
 from xo.tcp.lab_handover import C2S_SEED, S2C_SEED, Plan, run_handover
 
@@ -82,3 +88,68 @@ def test_live_migration(lab: Lab, family: int, size: str, peer: str) -> None:
     # Releasing the captured socket (close in repair mode) moves it ESTABLISHED -> CLOSE
     # without a packet; the kernel counts that one transition as TcpEstabResets on b0.
     assert {k: v for k, v in r["rst"].items() if v} == {"b0:TcpEstabResets": 1}
+
+
+def _new_bytes_sent(sock: socket.socket) -> int:
+    """Bytes of new data this socket put on the wire (sent minus retransmitted)."""
+    end = uapi.TCP_INFO_BYTES_SENT_OFFSET + uapi.TCP_INFO_BYTES_SENT.size
+    info = sock.getsockopt(uapi.SOL_TCP, uapi.TCP_INFO, end)
+    sent, retrans = uapi.TCP_INFO_BYTES_SENT.unpack_from(info, uapi.TCP_INFO_BYTES_SENT_OFFSET)
+    return int(sent - retrans)
+
+
+def test_nothing_leaves_between_capture_and_release(lab: Lab) -> None:
+    """Regression: a captured socket kept sending (a tail loss probe, ~64 KiB of new data)
+    while the state was being shipped; the peer then ACKed bytes the restored socket had
+    never sent and the connection hung. Here the peer's window is wide open (warmed up),
+    and the captured socket waits 300 ms (several loss probe and retransmit timeouts)
+    before release: the restored one must still deliver every byte, in order."""
+    c, b = lab.clients[0], lab.backends[0]
+    warm, payload = random.Random(3).randbytes(4 * MIB), random.Random(4).randbytes(2 * MIB)
+    with b.enter():
+        lsock = socket.create_server((str(b.ip4), 7300))
+        lsock.setsockopt(socket.SOL_SOCKET, uapi.SO_SNDBUFFORCE, 4 * MIB)
+        freezer = NftFreezer(table="xo_test_tlp")
+    with c.enter():
+        client = socket.create_connection((str(b.ip4), 7300), timeout=10)
+    server, _ = lsock.accept()
+    got = bytearray()
+
+    def read() -> None:
+        while len(got) < len(warm) + len(payload):
+            data = client.recv(1 << 20)
+            if not data:
+                return
+            got.extend(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    server.sendall(warm)  # the client reads it all: its window is wide open afterwards
+    deadline = time.monotonic() + 10
+    while len(got) < len(warm) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    flow = inbound_flow(server)
+    freezer.freeze(flow)  # the client's ACKs are dropped from here on
+    server.setblocking(False)
+    sent = 0
+    with contextlib.suppress(BlockingIOError):
+        while sent < len(payload):
+            sent += server.send(payload[sent:])
+    state = tcp.capture(server)
+    time.sleep(0.3)
+    # Everything that ever left as new data must be what the state calls sent (not unsent).
+    recorded_sent = len(warm) + sent - len(state.send_unsent)
+    assert _new_bytes_sent(server) <= recorded_sent, "bytes recorded unsent reached the peer"
+    tcp.release(server)
+    with b.enter():
+        restored = tcp.restore(state, probe=False)
+    freezer.thaw(flow)
+    tcp.nudge(restored)
+    restored.settimeout(10)
+    restored.sendall(payload[sent:])
+    reader.join(10)
+    assert len(got) == len(warm) + len(payload)
+    assert bytes(got) == warm + payload
+    for s in (client, restored, lsock):
+        s.close()
+    freezer.close()

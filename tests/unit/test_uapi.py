@@ -225,7 +225,10 @@ def _int_constants() -> dict[str, int]:
     }
 
 
-@pytest.mark.parametrize("name", sorted(set(_int_constants()) - set(DERIVED) - {"TCP_INFO_LEN"}))
+LAYOUT_CONSTANTS = {"TCP_INFO_LEN", "TCP_INFO_BYTES_SENT_OFFSET"}  # checked by layout tests
+
+
+@pytest.mark.parametrize("name", sorted(set(_int_constants()) - set(DERIVED) - LAYOUT_CONSTANTS))
 def test_constant_matches_header(name: str) -> None:
     try:
         expected = headers().symbol(name)
@@ -283,8 +286,26 @@ def test_tcp_info_head_is_everything_before_tcpi_rto() -> None:
     assert _struct_size(layout) <= uapi.TCP_INFO_LEN
 
 
+def test_tcp_info_bytes_sent_and_retrans() -> None:
+    layout = headers().layout("tcp_info")
+    offsets = _offsets(layout)
+    sizes = {n: size for n, size, _ in layout}
+    assert offsets["tcpi_bytes_sent"] == uapi.TCP_INFO_BYTES_SENT_OFFSET
+    assert (
+        offsets["tcpi_bytes_retrans"] == uapi.TCP_INFO_BYTES_SENT_OFFSET + sizes["tcpi_bytes_sent"]
+    )
+    assert uapi.TCP_INFO_BYTES_SENT.format == "=QQ"
+    assert uapi.TCP_INFO_BYTES_SENT.size == sizes["tcpi_bytes_sent"] + sizes["tcpi_bytes_retrans"]
+
+
 def test_every_struct_in_uapi_is_checked() -> None:
-    checked = {"TCP_REPAIR_OPT", "TCP_REPAIR_WINDOW_STRUCT", "TLS_CRYPTO_INFO", "TCP_INFO_HEAD"}
+    checked = {
+        "TCP_REPAIR_OPT",
+        "TCP_REPAIR_WINDOW_STRUCT",
+        "TLS_CRYPTO_INFO",
+        "TCP_INFO_HEAD",
+        "TCP_INFO_BYTES_SENT",
+    }
     structs = {k for k, v in vars(uapi).items() if isinstance(v, struct.Struct)}
     assert structs <= checked, f"add a layout test for {sorted(structs - checked)}"
 
