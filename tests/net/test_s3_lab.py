@@ -24,6 +24,7 @@ from botocore.exceptions import ClientError
 
 from xo.lab import Host, Lab
 from xo.rgw.labrun import ACCESS_KEY, SECRET_KEY, S3Deployment
+from xo.rgw.placement import rank
 
 pytestmark = [
     pytest.mark.net,
@@ -279,3 +280,10 @@ def test_large_gets_offloaded_to_the_storage_node(tmp_path: Path) -> None:
                     for u in parts))
                 assert _read_response(f) == (200, big)
                 assert _read_response(f) == (200, small)
+            # The holder's agent dies: the handoff fails, f0 keeps the socket and proxies.
+            holder = rank([f"n{i}" for i in range(len(lab.backends))], "off", "big")[0]
+            agents.kill(lab.backends[int(holder[1:])])
+            code = c0.run(["curl", "-s", "--fail", "-o", str(tmp_path / "after-kill"), "-w",
+                           "%{http_code}", urls["big"]], timeout=60).stdout
+            assert code == "200" and (tmp_path / "after-kill").read_bytes() == big
+            assert "refused" in dep.log("gateway").rsplit("came back", 1)[-1]
