@@ -65,3 +65,12 @@ def test_unreadable_or_not_toml(tmp_path: Path) -> None:
     cfg = parse(base())
     with pytest.raises(ConfigError, match="no node named"):
         cfg.node("n9")
+
+
+def test_commands_report_bad_config_cleanly(tmp_path: Path, capsys) -> None:
+    from xo.cli import main
+
+    assert main(["s3-gateway", "-c", str(tmp_path / "missing.toml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["s3-node", "-c", str(EXAMPLE), "--name", "n9"]) == 2
+    assert "no node named 'n9'" in capsys.readouterr().err

@@ -15,9 +15,10 @@ import argparse
 import dataclasses
 import logging
 import signal
+import sys
 import threading
 
-from xo.rgw.config import load, parse_listen
+from xo.rgw.config import ConfigError, load, parse_listen
 from xo.rgw.gateway import Gateway
 from xo.rgw.offload import AgentOffloader, Offloader
 
@@ -40,13 +41,22 @@ def wait_for_signal() -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s")
-    config = load(args.config)
-    if args.listen:
-        config = dataclasses.replace(config, listen=parse_listen(args.listen))
+    try:
+        config = load(args.config)
+        if args.listen:
+            config = dataclasses.replace(config, listen=parse_listen(args.listen))
+    except ConfigError as e:
+        print(f"xo s3-gateway: {e}", file=sys.stderr)
+        return 2
     offloader: Offloader | None = None
     if config.offload.enabled and not args.no_offload:
         offloader = AgentOffloader(config.offload.agent_socket, config.offload.agent_timeout)
-    with Gateway(config, offloader) as gw:
+    try:
+        gw = Gateway(config, offloader)
+    except OSError as e:
+        print(f"xo s3-gateway: cannot listen on {config.listen}: {e.strerror}", file=sys.stderr)
+        return 1
+    with gw:
         host, port = gw.address[:2]
         mode = "offload" if offloader else "proxy"
         print(f"s3-gateway listening on {host}:{port} ({mode}, {len(config.nodes)} nodes)",

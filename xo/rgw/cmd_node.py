@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from xo.rgw.cmd_gateway import wait_for_signal
@@ -33,14 +34,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s")
-    config = load(args.config)
-    spec = config.node(args.name)
-    data_dir = args.data_dir or spec.data_dir
-    if data_dir is None:
-        raise ConfigError(f"node {spec.name}: no data_dir in the config and no --data-dir")
-    listen = parse_listen(args.listen) if args.listen else spec.address.sockaddr()
+    try:
+        config = load(args.config)
+        spec = config.node(args.name)
+        data_dir = args.data_dir or spec.data_dir
+        if data_dir is None:
+            raise ConfigError(f"node {spec.name}: no data_dir in the config and no --data-dir")
+        listen = parse_listen(args.listen) if args.listen else spec.address.sockaddr()
+    except ConfigError as e:
+        print(f"xo s3-node: {e}", file=sys.stderr)
+        return 2
     agent_socket = args.agent_socket or spec.agent_socket
-    with StorageNode(Store(data_dir), listen) as node:
+    try:
+        node = StorageNode(Store(data_dir), listen)
+    except OSError as e:
+        print(f"xo s3-node {spec.name}: {e}", file=sys.stderr)
+        return 1
+    with node:
         link = NodeAgentLink(node, agent_socket, config.offload.agent_timeout) \
             if agent_socket else None
         host, port = node.address[:2]
