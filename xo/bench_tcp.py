@@ -30,7 +30,7 @@ from typing import Any
 
 from xo import tcp, uapi
 from xo.freeze import NftFreezer, inbound_flow
-from xo.tcp.handover import _inq
+from xo.tcp.handover import unread_bytes
 
 PORT = 7070
 ROUNDS = 3  # round 0 warms the connection up; the migration happens in round MIGRATE_ROUND
@@ -84,7 +84,7 @@ def _read_exactly(conn: socket.socket, n: int) -> None:
 
 def _wait_queued(conn: socket.socket, n: int) -> None:
     """Wait until the whole request sits unread in the receive queue."""
-    while _inq(conn) < n:
+    while unread_bytes(conn) < n:
         select.select([conn], [], [], IO_TIMEOUT_S)
 
 

@@ -4,8 +4,11 @@
     state = xo.tcp.capture(sock)         # socket left in repair mode
     wire = state.to_bytes()              # the xo.v1.TcpState protobuf message
     xo.tcp.release(sock)                 # close without FIN/RST (or resume(sock) to keep it)
-    ... elsewhere:
-    sock = xo.tcp.restore(TcpState.from_bytes(wire), local=Endpoint.parse("10.0.0.2:7000"))
+    ... elsewhere (its egress rewrite in place first):
+    sock = xo.tcp.restore(TcpState.from_bytes(wire), local=Endpoint.parse("10.0.0.2:7000"),
+                          probe=False)
+    ... once the owner's redirect is in place:
+    xo.tcp.nudge(sock)                   # window probe: the peer answers with its ACK now
 
 See docs/tcp.md for the recipe, its pitfalls and the measured costs.
 """

@@ -108,7 +108,8 @@ class Server:
             sel.close()
 
 
-def _inq(sock: socket.socket) -> int:
+def unread_bytes(sock: socket.socket) -> int:
+    """SIOCINQ: bytes in the receive queue that the application has not read yet."""
     raw = fcntl.ioctl(sock.fileno(), uapi.SIOCINQ, bytes(4))
     return int(struct.unpack("=i", raw)[0])
 
@@ -131,7 +132,7 @@ def run_origin(a: argparse.Namespace) -> int:
     srv.pump(a.read_before, a.write_before)
     # Stop reading; let the client's bytes pile up in the receive queue.
     deadline = time.monotonic() + QUEUE_WAIT_S
-    while _inq(conn) < a.min_recv_queue and time.monotonic() < deadline:
+    while unread_bytes(conn) < a.min_recv_queue and time.monotonic() < deadline:
         time.sleep(POLL_S)
     flow = inbound_flow(conn)
     t0 = time.perf_counter_ns()
