@@ -103,6 +103,8 @@ def _set_queue_seq(sock: socket.socket, queue: int, seq: int) -> None:
 
 def _fill(sock: socket.socket, queue: int, data: bytes) -> None:
     """Write `data` into the selected queue; the kernel takes ~68 KiB per call in repair."""
+    if not data:
+        return  # nothing to write: skip selecting the queue (one syscall)
     step = "refill receive queue" if queue == uapi.TCP_RECV_QUEUE else "refill send queue"
     view = memoryview(data)
     try:
