@@ -95,6 +95,11 @@ class AgentClient:
         self._reader.start()
 
     @property
+    def closed(self) -> bool:
+        """The agent went away (it stopped or crashed); handed-in sockets stop coming."""
+        return self._closed
+
+    @property
     def wakeup_fd(self) -> int:
         """Readable when `incoming` has a connection (for select() in accept loops)."""
         return self._wake_r
@@ -188,6 +193,8 @@ class AgentClient:
         return conn
 
     def close(self) -> None:
+        if self._sock.fileno() < 0:
+            return  # already closed
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._reader.join()
@@ -237,6 +244,10 @@ class Server:
             ready, _, _ = select.select(fds, [], [], timeout)
             if not ready:
                 return None
+            if self.agent.wakeup_fd in ready and self.agent.incoming.empty():
+                _drain(self.agent.wakeup_fd)
+                if self.agent.closed:
+                    raise AgentError("the agent closed the connection")
             if self.listener.fileno() in ready:
                 try:
                     sock, _ = self.listener.accept()
@@ -254,4 +265,6 @@ class Server:
         self.agent.give_back(sock, handoff_id, preread, app_state)
 
     def close(self) -> None:
+        """Close the agent link and the listening socket (the Server owns both)."""
         self.agent.close()
+        self.listener.close()

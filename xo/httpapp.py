@@ -157,6 +157,8 @@ class HttpApp:
         raise NotImplementedError
 
     def stop(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join()
         for t in list(self._workers):

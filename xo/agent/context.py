@@ -8,6 +8,7 @@ which refuse connections that carry TLS state instead of silently dropping the k
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import socket
@@ -22,7 +23,7 @@ from xo.agent.config import AgentConfig
 from xo.agent.local import LocalServer
 from xo.agent.rpc import Channels
 from xo.datapath import Datapath, Redirect
-from xo.flow import FlowKey
+from xo.flow import Endpoint, FlowKey
 from xo.v1 import offload_pb2
 
 log = logging.getLogger("xo.agent")
@@ -110,6 +111,30 @@ class Context:
 
 def open_timings(path: Path | None) -> IO[str] | None:
     return path.open("a", encoding="utf-8") if path else None
+
+
+def open_tcp_tuples() -> set[tuple[Endpoint, Endpoint]]:
+    """(local, remote) of every TCP socket in our network namespace (/proc/net/tcp{,6})."""
+    out: set[tuple[Endpoint, Endpoint]] = set()
+    for name, size in (("tcp", 4), ("tcp6", 16)):
+        try:
+            lines = Path(f"/proc/thread-self/net/{name}").read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 3 or fields[2].endswith(":0000"):
+                continue  # header or a listener (no remote end)
+            out.add((_proc_endpoint(fields[1], size), _proc_endpoint(fields[2], size)))
+    return out
+
+
+def _proc_endpoint(text: str, size: int) -> Endpoint:
+    """'0100007F:1F90' (address in host-order 32-bit words) -> Endpoint."""
+    addr, port = text.split(":")
+    raw = bytes.fromhex(addr)
+    packed = b"".join(raw[i : i + 4][::-1] for i in range(0, size, 4))
+    return Endpoint(ipaddress.ip_address(packed), int(port, 16))
 
 
 def tcp_state_of(sock: socket.socket) -> int:

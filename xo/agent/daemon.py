@@ -52,6 +52,7 @@ class Agent:
                                  observer=self.ops.record)
         self.owner, self.target = Owner(ctx), Target(ctx)
         self.owner.reconcile()
+        self.target.reconcile()
         server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
         offload_pb2_grpc.add_OffloadServicer_to_server(
             CountingService(self.ops, ctx, self.owner, self.target), server)

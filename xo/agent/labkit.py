@@ -23,12 +23,12 @@ from pathlib import Path
 
 from xo.agent.config import AgentConfig, HandoffRange, LocalApi, Peer, dumps
 from xo.lab import Host, Lab
-from xo.pki import make_lab_pki
+from xo.pki import DevCA
 
 GRPC_PORT = 7000
 HANDOFF_PORTS = (40000, 40999)
 START_TIMEOUT_S = 60.0  # BCC compiles for ~0.5 s idle, many seconds on a loaded box
-STOP_TIMEOUT_S = 5.0
+STOP_TIMEOUT_S = 30.0  # a graceful stop detaches TC programs: seconds on a loaded box
 
 
 class AgentStartError(RuntimeError):
@@ -46,7 +46,8 @@ class LabAgents:
         self.hosts = [*lab.frontends, *lab.backends]
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.configs: dict[str, Path] = {}
-        tls = make_lab_pki(workdir / "pki", [h.name for h in self.hosts])
+        self.ca = DevCA()  # tests issue extra identities (a stranger) from it
+        tls = {h.name: self.ca.write(workdir / "pki", h.name) for h in self.hosts}
         for h in self.hosts:
             # frontends talk to backends and back; hosts of the same role need not know each other
             peers = [p for p in self.hosts if (h in lab.frontends) != (p in lab.frontends)]

@@ -181,7 +181,10 @@ class Owner:
         stub = self.ctx.channels.stub(peer)
         timeout = self.ctx.cfg.handoff_timeout_ms / 1000
         try:
-            reply: offload_pb2.HandoffReply = await stub.Handoff(request, timeout=timeout)
+            # wait_for_ready: a channel still backing off after a peer restart reconnects
+            # within the deadline instead of failing at once.
+            reply: offload_pb2.HandoffReply = await stub.Handoff(request, timeout=timeout,
+                                                                 wait_for_ready=True)
         except grpc.aio.AioRpcError as e:
             reason = (offload_pb2.TIMEOUT if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                       else offload_pb2.INTERNAL)
@@ -236,7 +239,8 @@ class Owner:
             return view
         try:
             info = await self.ctx.channels.stub(peer).Peer(offload_pb2.PeerInfoRequest(),
-                                                            timeout=PEER_TIMEOUT_S)
+                                                            timeout=PEER_TIMEOUT_S,
+                                                            wait_for_ready=True)
         except grpc.aio.AioRpcError as e:
             reason = (offload_pb2.TIMEOUT if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                       else offload_pb2.INTERNAL)

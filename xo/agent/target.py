@@ -26,11 +26,11 @@ import xo.tcp
 from xo import uapi
 from xo.agent import validate
 from xo.agent.config import Peer
-from xo.agent.context import Context, PhaseTimer, tcp_state_of
+from xo.agent.context import Context, PhaseTimer, open_tcp_tuples, tcp_state_of
 from xo.agent.local import AppConn, NoApp
 from xo.agent.machine import Event, Machine, State, StateError
 from xo.agent.validate import ProtocolError
-from xo.datapath import DatapathError
+from xo.datapath import Action, DatapathError, Direction
 from xo.datapath.layout import parse_mac
 from xo.flow import FlowKey
 from xo.freeze import inbound_flow
@@ -80,7 +80,7 @@ class Target:
         try:
             hid, key, target = validate.handoff(req)
         except ProtocolError as e:
-            return _refuse(offload_pb2.Reason(e.reason), e.detail)
+            return _refuse(e.reason, e.detail)
         if not self.ctx.cfg.handoff.contains(target):
             return _refuse(offload_pb2.REFUSED, f"{target} is not one of our handoff addresses")
         app = req.app
@@ -199,12 +199,14 @@ class Target:
             sock.close()
 
     def _find(self, hid: str, sock: socket.socket) -> HostedFlow | None:
+        """The record of `hid`; a socket still connected must be that flow's socket (a reset
+        one has no addresses left to compare)."""
         try:
-            key = inbound_flow(sock)
+            key: FlowKey | None = inbound_flow(sock)
         except (OSError, ValueError):
-            return None
+            key = None
         for (_, h), rec in self.flows.items():
-            if h == hid and rec.local == key:
+            if h == hid and (key is None or rec.local == key):
                 return rec
         return None
 
@@ -283,6 +285,22 @@ class Target:
         rec.machine.advance(event)
         self.ctx.dp.remove(rec.local)
         self.flows.pop((rec.owner.name, rec.handoff_id), None)
+
+    def reconcile(self) -> int:
+        """After a restart: remove source rewrites whose socket is gone (the connection died
+        with the previous agent's host or app); keep those an app still holds. Returns how
+        many were removed."""
+        live = open_tcp_tuples()
+        removed = 0
+        for e in self.ctx.dp.flows():
+            if e.direction != Direction.EGRESS or e.action != Action.SNAT:
+                continue
+            if (e.flow.vip, e.flow.client) not in live:
+                self.ctx.dp.remove(e.flow)
+                removed += 1
+        if removed:
+            log.info("removed %d source rewrites left by a previous run", removed)
+        return removed
 
     def close_all(self) -> None:
         """Shutdown: drop restored copies never handed to an app, and their rules."""

@@ -24,7 +24,7 @@ TCP_STATE_VERSION = 1
 class ProtocolError(ValueError):
     """A message that cannot be acted on; `reason` goes back to the sender."""
 
-    def __init__(self, reason: int, detail: str) -> None:
+    def __init__(self, reason: offload_pb2.Reason, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
