@@ -438,10 +438,6 @@ def move_back(
     from xo import tcp
 
     back_flow = inbound_flow(moved)  # client -> handoff
-    # xo.tcp.capture peeks the queues with MSG_DONTWAIT; a socket in timeout mode makes
-    # Python poll for readability first, which a send-queue peek never gets (EIO after the
-    # timeout). Capture a blocking-mode socket, as an app hands it over.
-    moved.settimeout(None)
     BlockFreezer(dp_b).freeze(back_flow)
     state = tcp.capture(moved)
     tcp.release(moved)

@@ -65,6 +65,33 @@ def test_capture_refuses_listener_udp_and_closed(host: Host) -> None:
             s.close()
 
 
+def test_capture_of_a_socket_with_a_timeout(host: Host) -> None:
+    """A timeout on the socket must not make the send-queue peek wait (and fail) on poll."""
+    with host.enter():
+        lsock, client, server = _pair()
+        # The client reads nothing, so the server's send queue fills and stays non-empty.
+        pending = bytearray()
+        server.setblocking(False)
+        chunk = os.urandom(64 * 1024)
+        while True:
+            try:
+                pending += chunk[: server.send(chunk)]
+            except BlockingIOError:
+                break
+        server.settimeout(5)
+        state = tcp.capture(server)
+        assert server.gettimeout() == 5
+        assert len(state.send_unacked) + len(state.send_unsent) > 0
+        tcp.resume(server)
+        got = bytearray()
+        while len(got) < len(pending):
+            got += client.recv(1 << 20)
+        assert got == pending
+        _works(client, server)
+        for s in (lsock, client, server):
+            s.close()
+
+
 def test_capture_refuses_half_closed(host: Host) -> None:
     with host.enter():
         lsock, client, server = _pair()

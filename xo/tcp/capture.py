@@ -189,6 +189,12 @@ def capture(sock: socket.socket) -> TcpState:
     socket is out of repair mode again and the connection carries on.
     """
     info = _check_tcp(sock)
+    # A socket with a timeout makes Python wait for readability before every recv(), even
+    # with MSG_DONTWAIT, and a repair-mode send queue never becomes readable: peek in
+    # non-blocking mode and put the caller's timeout back afterwards.
+    timeout = sock.gettimeout()
+    if timeout:
+        sock.settimeout(0.0)
     repair_on(sock)
     try:
         return _snapshot(sock, info)
@@ -196,3 +202,6 @@ def capture(sock: socket.socket) -> TcpState:
         with contextlib.suppress(CaptureError):  # the original error is the one to report
             resume(sock)
         raise
+    finally:
+        if timeout:
+            sock.settimeout(timeout)
