@@ -233,6 +233,9 @@ def test_round_trip_with_records_in_flight(lab: Lab, version: TlsVersion,
         for hop, dst in enumerate((back, front)):
             server.sendall(b"before move %d" % hop)
             assert peer.recv_records(1) == [b"before move %d" % hop]
+            # Acked before the test's own freeze: frozen, the peer's ACK could not arrive and
+            # move() would rightly refuse (send-queue-unacked).
+            wait_quiescent(server, IO_TIMEOUT_S)
             path.freeze()
             peer.send(b"during move %d" % hop)  # dropped: TCP retransmits it to the new socket
             time.sleep(SETTLE_S)
