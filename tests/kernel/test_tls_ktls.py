@@ -244,6 +244,7 @@ def test_round_trip_with_records_in_flight(lab: Lab, version: TlsVersion,
             assert _recv_exact(server, 13) == b"during move %d" % hop
             server.sendall(b"after move %d" % hop)
             assert peer.recv_records(1) == [b"after move %d" % hop]
+        wait_quiescent(server, IO_TIMEOUT_S)  # the peer's (delayed) ACK of the last record
         got = capture(server)
         assert got is not None
         assert got.tx.rec_seq == START_SEQ + 4 and got.rx.rec_seq == START_SEQ + 2
