@@ -8,8 +8,8 @@ examples:
 What, all in one run so the ratios hold: (1) TlsState to_bytes/from_bytes (seed 003: 3 us /
 20 us in C) next to TcpState; (2) xo.tls.capture and xo.tls.install on live loopback sockets
 next to xo.tcp.capture; (3) a lab (client, frontend, backend namespaces): one keep-alive
-connection moved F -> B -> F -> ... with xo.tls.move (nftables datapath stand-in), a
-request/response between moves, once over kTLS and once plain TCP. Blackout = freeze to
+connection moved F -> B -> F -> ... with xo.tls.move (nftables datapath stand-in) after
+each request is read and before it is answered, once over kTLS and once plain TCP. Blackout = freeze to
 window probe on the server side; quiesce (waiting for ACKs before the freeze) is shown apart.
 """
 
@@ -156,10 +156,12 @@ def bench_moves(lab: Lab, use_tls: bool, config: ServerTls, ca: Path,
             got = b""
             while len(got) < len(PING):
                 got += read(conn, len(PING) - len(got))
-            conn.sendall(got)
+            # Like an HTTP frontend: the request is read, the answer comes from elsewhere.
+            # The client waits for it, so the socket is quiescent (its last pong acked).
             if i < moves:
                 conn, times = move(conn, path, away if i % 2 == 0 else home)
                 out.append(times)
+            conn.sendall(got)
     finally:
         t.join(IO_TIMEOUT_S)
         conn.close()
