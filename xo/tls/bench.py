@@ -9,8 +9,9 @@ What, all in one run so the ratios hold: (1) TlsState to_bytes/from_bytes (seed 
 20 us in C) next to TcpState; (2) xo.tls.capture and xo.tls.install on live loopback sockets
 next to xo.tcp.capture; (3) a lab (client, frontend, backend namespaces): one keep-alive
 connection moved F -> B -> F -> ... with xo.tls.move (nftables datapath stand-in) after
-each request is read and before it is answered, once over kTLS and once plain TCP. Blackout = freeze to
-window probe on the server side; quiesce (waiting for ACKs before the freeze) is shown apart.
+each request is read and before it is answered, once over kTLS and once plain TCP.
+Blackout = freeze to window probe on the server side; quiesce (waiting for ACKs before the
+freeze) is shown apart.
 """
 
 from __future__ import annotations
