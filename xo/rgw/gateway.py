@@ -445,11 +445,11 @@ class Gateway:
                 return self._send_head(ex, status, headers)
             head = response_head(status, headers)
             state = ServeState(bucket, key, meta.etag, start, length, head)
-            if self._offload_wanted(node, length):
-                return self._offload_get(ex, node, state)
             try:
+                if self._offload_wanted(node, length):
+                    return self._offload_get(ex, node, state)
                 return self._proxy_get(ex, node, state)
-            except _NodeFailedBeforeHead:
+            except _NodeFailedBeforeHead:  # nothing sent yet: try the next replica
                 tried.add(node.name)
 
     def _prepare_get(self, ex: Exchange,

@@ -258,7 +258,8 @@ class Server:
             log.exception("%s: connection handler failed", self._name)
         finally:
             with self._lock:
-                self._conns.pop(threading.get_ident(), None)
+                current = self._conns.pop(threading.get_ident(), sock)
+            current.close()  # a no-op when the handler closed it or handed it away
 
     def close(self) -> None:
         """Stop accepting and shut down open connections."""
