@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("xo.demo", "run the live migration demo in a lab of network namespaces"),
     "agent": ("xo.agent.command", "run this host's agent (offload protocol + local app API)"),
     "status": ("xo.status", "show a running agent's flows, rules, peers and counters"),
+    "bench": ("xo.bench.command", "run the benchmarks in a lab, write a report with plots"),
     "lab": ("xo.lab", "build or remove a lab of network namespaces (lab up|down|list)"),
     "bench-tcp": ("xo.bench_tcp", "benchmark TCP capture/restore and the client's blackout"),
     "bench-datapath": ("xo.datapath.bench", "benchmark the eBPF flow table and a move's blackout"),
