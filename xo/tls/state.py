@@ -90,7 +90,7 @@ class TlsDirection:
             buf[:] = bytes(len(buf))
 
     def same_as(self, other: TlsDirection) -> bool:
-        """Equal fields (constant-time enough for tests; not a public comparison of secrets)."""
+        """Field-wise equality, for tests and diagnostics (not a constant-time comparison)."""
         return (self.key, self.iv, self.salt, self.rec_seq) == (
             other.key, other.iv, other.salt, other.rec_seq,
         )
