@@ -62,6 +62,7 @@ typedef struct {
     ngx_str_t                 handoff_id;
     ngx_str_t                 preread;      /* served by c->recv before the socket's data */
     size_t                    preread_pos;
+    ngx_uint_t                ktls;         /* the kernel does TLS on this socket */
     ngx_event_t               giveback_ev;  /* posted after a handed-in request is logged */
     void                     *giveback;     /* a pending give-back (module-owned) */
 } ngx_http_handoff_conn_ctx_t;

@@ -12,6 +12,83 @@
 #define XO_TCP_ULP              31   /* TCP_ULP, <linux/tcp.h> */
 #define XO_TCP_ULP_NAME_MAX     16   /* TCP_ULP_NAME_MAX */
 #define XO_PLAIN_LISTENERS      16   /* TLS listeners a worker can serve kTLS sockets on */
+#define XO_SOL_TLS              282  /* SOL_TLS, <linux/socket.h> */
+#define XO_TLS_GET_RECORD_TYPE  2    /* <linux/tls.h> */
+#define XO_TLS_RECORD_ALERT     21   /* TLS ContentType alert */
+
+
+/*
+ * recv() on a kTLS socket served as plain HTTP: a record that is not application data (the
+ * client's close_notify alert) fails recv() with EIO; read it to learn its type, and take an
+ * alert as the end of the connection instead of an I/O error.
+ */
+static ssize_t
+ngx_http_handoff_ktls_recv(ngx_connection_t *c, u_char *buf, size_t size)
+{
+    ssize_t          n;
+    ngx_err_t        err;
+    struct iovec     iov;
+    struct msghdr    mh;
+    struct cmsghdr  *cm;
+    ngx_event_t     *rev = c->read;
+    union {
+        struct cmsghdr  align;
+        char            buf[CMSG_SPACE(sizeof(u_char))];
+    } cmsg;
+
+    for ( ;; ) {
+        n = recv(c->fd, buf, size, 0);
+        if (n > 0) {
+            return n;
+        }
+        if (n == 0) {
+            rev->ready = 0;
+            rev->eof = 1;
+            return 0;
+        }
+        err = ngx_socket_errno;
+        if (err == NGX_EINTR) {
+            continue;
+        }
+        if (err == NGX_EAGAIN) {
+            rev->ready = 0;
+            return NGX_AGAIN;
+        }
+        if (err != EIO) {
+            break;
+        }
+
+        ngx_memzero(&mh, sizeof(mh));
+        iov.iov_base = buf;
+        iov.iov_len = size;
+        mh.msg_iov = &iov;
+        mh.msg_iovlen = 1;
+        mh.msg_control = cmsg.buf;
+        mh.msg_controllen = sizeof(cmsg.buf);
+        if (recvmsg(c->fd, &mh, 0) == -1) {
+            err = ngx_socket_errno;
+            break;
+        }
+        cm = CMSG_FIRSTHDR(&mh);
+        if (cm && cm->cmsg_level == XO_SOL_TLS && cm->cmsg_type == XO_TLS_GET_RECORD_TYPE
+            && *CMSG_DATA(cm) == XO_TLS_RECORD_ALERT)
+        {
+            ngx_log_error(NGX_LOG_INFO, c->log, 0, "handoff: client sent a TLS alert (kTLS)");
+            rev->ready = 0;
+            rev->eof = 1;
+            return 0;
+        }
+        ngx_log_error(NGX_LOG_INFO, c->log, 0, "handoff: unexpected TLS record on kTLS socket");
+        rev->ready = 0;
+        rev->error = 1;
+        return NGX_ERROR;
+    }
+
+    rev->ready = 0;
+    rev->error = 1;
+    ngx_connection_error(c, err, "recv() failed");
+    return NGX_ERROR;
+}
 
 
 static ssize_t
@@ -22,15 +99,15 @@ ngx_http_handoff_recv(ngx_connection_t *c, u_char *buf, size_t size)
 
     ctx = ngx_http_handoff_conn_ctx(c);
     if (ctx == NULL || ctx->preread_pos >= ctx->preread.len) {
-        c->recv = ngx_recv;
-        return ngx_recv(c, buf, size);
+        c->recv = ctx && ctx->ktls ? ngx_http_handoff_ktls_recv : ngx_recv;
+        return c->recv(c, buf, size);
     }
 
     n = ngx_min(size, ctx->preread.len - ctx->preread_pos);
     ngx_memcpy(buf, ctx->preread.data + ctx->preread_pos, n);
     ctx->preread_pos += n;
     if (ctx->preread_pos == ctx->preread.len) {
-        c->recv = ngx_recv;
+        c->recv = ctx->ktls ? ngx_http_handoff_ktls_recv : ngx_recv;
     }
     return (ssize_t) n;
 }
@@ -317,10 +394,12 @@ ngx_http_handoff_adopt(ngx_socket_t fd, ngx_listening_t *ls, xo_conn_kind_e kind
 {
     ngx_log_t                    *clog;
     ngx_connection_t             *c;
+    ngx_uint_t                    ktls;
     ngx_listening_t              *plain;
     ngx_http_handoff_conn_ctx_t  *ctx;
 
-    if (ngx_http_handoff_is_ktls(fd) && ngx_http_handoff_listener_ssl(ls)) {
+    ktls = ngx_http_handoff_is_ktls(fd);
+    if (ktls && ngx_http_handoff_listener_ssl(ls)) {
         plain = ngx_http_handoff_plain_listener(ls);
         if (plain == NULL) {
             ngx_log_error(NGX_LOG_ERR, log, 0, "handoff: no plain copy of the TLS listener");
@@ -374,7 +453,9 @@ ngx_http_handoff_adopt(ngx_socket_t fd, ngx_listening_t *ls, xo_conn_kind_e kind
         goto failed;
     }
 
-    c->recv = ctx->preread.len ? ngx_http_handoff_recv : ngx_recv;
+    ctx->ktls = ktls;
+    c->recv = ctx->preread.len ? ngx_http_handoff_recv
+                               : ktls ? ngx_http_handoff_ktls_recv : ngx_recv;
     c->send = ngx_send;
     c->recv_chain = ngx_recv_chain;
     c->send_chain = ngx_send_chain;
