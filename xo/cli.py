@@ -12,6 +12,7 @@ import sys
 # name -> (module, one-line help). Keep the public names of ARCHITECTURE.md stable.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("xo.demo", "run the live migration demo in a lab of network namespaces"),
+    "bench-protocol": ("xo.agent.bench", "benchmark handoffs: phases, blackout, handoffs/s"),
     "agent": ("xo.agent.command", "run this host's agent (offload protocol + local app API)"),
     "status": ("xo.status", "show a running agent's flows, rules, peers and counters"),
     "bench": ("xo.bench.command", "run the benchmarks in a lab, write a report with plots"),

@@ -211,10 +211,10 @@ class Frontend(HttpApp):
                 res = self.server.offload(sock, target, preread=request + buf,
                                           app=self.backend_app)
                 if res.accepted:
+                    sock.close()  # at once: the 4-tuple must be free when the flow returns
                     with self.stats.lock:
                         self.stats.offloaded += 1
                         self.stats.handoff_ms.append((time.perf_counter() - t0) * 1000)
-                    sock.close()
                     return  # the connection comes back as a new Connection (RETURNED)
                 with self.stats.lock:
                     self.stats.refused += 1

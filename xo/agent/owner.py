@@ -46,6 +46,8 @@ READY_TIMEOUT_S = 1.0
 HEALTH_INTERVAL_S = 1.0
 # Consecutive failed health checks before a target's flows are declared lost.
 HEALTH_FAILURES = 3
+OLD_SOCKET_WAIT_S = 1.0
+OLD_SOCKET_POLL_S = 0.001
 
 
 class OffloadRefused(Exception):
@@ -276,7 +278,7 @@ class Owner:
         timer.mark("block")
         try:
             state = xo.tcp.TcpState.from_proto(req.tcp)
-            sock = xo.tcp.restore(state, local=key.vip)
+            sock = await self._restore_local(state, key.vip)
             if req.HasField("tls"):
                 self.ctx.tls.install(sock, req.tls)
         except (xo.tcp.TcpError, OSError, NotImplementedError, ValueError) as e:
@@ -298,6 +300,20 @@ class Owner:
         timer.mark("deliver")
         self.ctx.record("end", hid, timer.phases)
         return offload_pb2.EndReply(ok=True)
+
+    async def _restore_local(self, state: xo.tcp.TcpState, vip: Endpoint) -> socket.socket:
+        """Restore bound to the VIP. The app closes its copy of the old, released socket only
+        after its OffloadResult; a fast target can give the flow back before that, while the
+        old 4-tuple still exists (EADDRNOTAVAIL): wait for the app's close, briefly."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + OLD_SOCKET_WAIT_S
+        while True:
+            try:
+                return xo.tcp.restore(state, local=vip)
+            except xo.tcp.AddressInUseError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(OLD_SOCKET_POLL_S)
 
     def _keep_offloaded(self, rec: OwnedFlow, mac: str) -> None:
         """A failed End: the redirect goes back, the target keeps serving (it resumes)."""

@@ -254,6 +254,7 @@ class Target:
         except (xo.tcp.TcpError, OSError) as e:
             dp.unblock(rec.local)
             rec.machine.advance(Event.FAILED)
+            log.warning("give back of %s: capture failed: %s", rec.flow, e)
             return False, f"capture failed: {e}"
         timer.mark("capture")
         end = offload_pb2.EndRequest(handoff_id=rec.handoff_id, flow=rec.flow.to_proto(),
@@ -267,6 +268,7 @@ class Target:
             xo.tcp.resume(sock)
             dp.unblock(rec.local)
             rec.machine.advance(Event.FAILED)
+            log.warning("give back of %s: owner refused: %s", rec.flow, detail)
             return False, f"owner did not take the connection back: {detail}"
         xo.tcp.release(sock)
         self._forget(rec, Event.ENDED)
