@@ -1,0 +1,1 @@
+"""`xo bench`: the project's benchmarks in one lab run, written up as a report directory."""
