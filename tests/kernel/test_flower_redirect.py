@@ -58,11 +58,12 @@ def lab() -> Iterator[Lab]:
     with Lab(clients=1, frontends=1, backends=1) as lab:
         for h in (lab.frontends[0], lab.backends[0]):
             h.run(["tc", "qdisc", "add", "dev", h.ifname, "clsact"])
-        # act_csum leaves GSO packets alone (tcf_csum_ipv4/6_tcp return early), so a software
-        # SNAT on the sender's egress would keep the pseudo-header seed of the old source and
-        # segmentation would finish wrong checksums. A NIC applies the rule per wire packet;
-        # in software the backend must segment before the hook: GSO off there (docs/hwrules.md).
-        lab.backends[0].run(["ethtool", "-K", "eth0", "gso", "off", "tso", "off"])
+        # act_csum leaves GSO packets alone (tcf_csum_ipv4/6_tcp return early), and TCP builds
+        # GSO packets whatever the device's gso flag says, so a software SNAT on the sender's
+        # egress keeps the pseudo-header seed of the old source and segmentation finishes a
+        # wrong checksum (veth marks it verified, so only a capture sees it). A NIC applies
+        # the rule per wire packet; in software the backend must send one MSS per skb.
+        lab.backends[0].run(["ip", "link", "set", "dev", "eth0", "gso_max_segs", "1"])
         yield lab
 
 

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+from pyroute2 import IPRoute
+
 from xo.datapath.layout import Redirect
 from xo.flow import Endpoint, FlowKey
 from xo.hwrules.netdevsim import Netdevsim
@@ -33,7 +35,6 @@ from xo.hwrules.policy import SizePolicy
 from xo.hwrules.queue import HwRuleQueue
 from xo.hwrules.rules import FlowerRule, Placement, redirect_rule
 from xo.hwrules.transport import NetlinkTransport
-from xo.lab import netns_entered
 
 NS_PER_US = 1000
 NETDEVSIM_ID = 11
@@ -80,9 +81,9 @@ def ip(netns: str, *args: str) -> None:
     subprocess.run(["ip", "-n", netns, *args], check=True)
 
 
-def ifindex(netns: str, ifname: str) -> int:
-    with netns_entered(netns):
-        return int(Path(f"/sys/class/net/{ifname}/ifindex").read_text())
+def ifindex(netns: str | None, ifname: str) -> int:
+    with IPRoute(**({"netns": netns} if netns else {})) as ipr:
+        return int(ipr.link_lookup(ifname=ifname)[0])
 
 
 def bench_ebpf(netns: str, fl: list[FlowKey]) -> list[str]:
@@ -156,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.netdevsim:
         with Netdevsim(args.netdevsim, NETDEVSIM_ID) as dev:
             subprocess.run(["tc", "qdisc", "add", "dev", dev.ifname, "clsact"], check=True)
-            idx = int(Path(f"/sys/class/net/{dev.ifname}/ifindex").read_text())
-            hw = rules_for(fl, idx, Placement.HW_ONLY)
+            hw = rules_for(fl, ifindex(None, dev.ifname), Placement.HW_ONLY)
             rows += bench_flower("netdevsim (skip_sw, in_hw)", None, hw)
             queue_rows.append(bench_queue("netdevsim", None, hw))
     print(f"kernel {os.uname().release}, {os.cpu_count()} vCPU")
