@@ -6,12 +6,13 @@ import ipaddress
 from dataclasses import replace
 
 import pytest
-from tc_wire import encode, ifindex_of, raw, same_request
+from tc_wire import decode, encode, ifindex_of, raw, same_request
 
 from xo.datapath.layout import Redirect
 from xo.flow import Endpoint, FlowKey
-from xo.hwrules import Placement, block_rule, redirect_rule
+from xo.hwrules import Placement, block_rule, redirect_rule, snat_rule
 from xo.hwrules.rules import PRIO
+from xo.tc import EGRESS, pedit
 
 ADDRS = {4: ("198.18.0.10", "198.18.0.100", "198.18.0.21"),
          6: ("fd00:78:6f::10", "fd00:78:6f::100", "fd00:78:6f::21")}
@@ -74,3 +75,29 @@ def test_bad_inputs_raise() -> None:
         block_rule("198.18.0.10:1 -> 198.18.0.100:80", 2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="MAC"):
         redirect_rule(flow(4), target(4), 2, "not-a-mac")
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_snat_rule_matches_replies_and_rewrites_the_source(version: int) -> None:
+    client, vip, backend = (ipaddress.ip_address(a) for a in ADDRS[version])
+    local = Endpoint(backend, 61000)
+    as_vip = Endpoint(vip, 80)
+    rule = snat_rule(FlowKey(Endpoint(client, 40000), local), as_vip, 5).with_handle(3)
+    msg = decode(encode("add-filter", "flower", **rule.tc_args()))
+    assert msg["parent"] == EGRESS
+    opts = msg.get_attr("TCA_OPTIONS")
+    assert opts.get_attr(f"TCA_FLOWER_KEY_IPV{version}_SRC") == str(backend)
+    assert opts.get_attr(f"TCA_FLOWER_KEY_IPV{version}_DST") == str(client)
+    assert (opts.get_attr("TCA_FLOWER_KEY_TCP_SRC"), opts.get_attr("TCA_FLOWER_KEY_TCP_DST")) == (
+        61000, 40000)
+    acts = opts.get_attr("TCA_FLOWER_ACT")
+    keys = pedit.decode_keys(acts.get_attr("TCA_ACT_PRIO_1").get_attr("TCA_ACT_OPTIONS"))
+    ip_key = "ip" if version == 4 else "ip6"
+    assert keys == [*pedit.munge_keys(ip_key, "src", str(vip)),
+                    *pedit.munge_keys("tcp", "sport", 80)]
+    csum_parms = acts.get_attr("TCA_ACT_PRIO_2").get_attr("TCA_ACT_OPTIONS").get_attr(
+        "TCA_CSUM_PARMS")
+    assert csum_parms["action"] == 0  # ok: the packet goes on after the rewrite
+    with pytest.raises(ValueError, match="source rewrite"):
+        snat_rule(FlowKey(Endpoint(client, 40000), local), Endpoint(
+            ipaddress.ip_address(ADDRS[10 - version][1]), 80), 5)
