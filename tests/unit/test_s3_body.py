@@ -7,6 +7,7 @@ before `receive` returns, so a bad body never reaches storage.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import socket
 import threading
@@ -30,7 +31,13 @@ def connection():
 
     def make(raw: bytes) -> HttpConnection:
         a, b = socket.socketpair()
-        t = threading.Thread(target=lambda: (a.sendall(raw), a.shutdown(socket.SHUT_WR)))
+
+        def feed() -> None:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # reader gave up
+                a.sendall(raw)
+                a.shutdown(socket.SHUT_WR)
+
+        t = threading.Thread(target=feed)
         t.start()
         opened.append((a, b, t))
         return HttpConnection(b)

@@ -43,6 +43,8 @@ class LabAgents:
         self.lab = lab
         self.workdir = workdir
         self.verbose = verbose
+        # False: a SIGTERM'd agent keeps its datapath and flows (restart/upgrade tests)
+        self.detach_on_exit = True
         self.hosts = [*lab.frontends, *lab.backends]
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.configs: dict[str, Path] = {}
@@ -80,7 +82,9 @@ class LabAgents:
         """Start the agent of `h` (default: all) and wait until it serves."""
         for host in [h] if h else self.hosts:
             argv = [sys.executable, "-m", "xo.cli", "agent", "-c", str(self.configs[host.name]),
-                    "--timings", str(self.timings_path(host)), "--detach-on-exit"]
+                    "--timings", str(self.timings_path(host))]
+            if self.detach_on_exit:
+                argv.append("--detach-on-exit")
             if self.verbose:
                 argv.append("-v")
             log = self.log_path(host).open("ab")

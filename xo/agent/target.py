@@ -182,7 +182,7 @@ class Target:
             return result
         sock = socket.socket(fileno=fd)
         try:
-            rec = self._find(msg.handoff_id, sock)
+            rec = self._find(msg.handoff_id, sock) or self._adopt(conn.app, msg.handoff_id, sock)
             if rec is None:
                 result.detail = f"no handed-in connection {msg.handoff_id!r} with this socket"
                 return result
@@ -207,6 +207,30 @@ class Target:
             key = None
         for (_, h), rec in self.flows.items():
             if h == hid and (key is None or rec.local == key):
+                return rec
+        return None
+
+    def _adopt(self, app: str, hid: str, sock: socket.socket) -> HostedFlow | None:
+        """A connection handed in before this agent restarted: its source rewrite is still in
+        the pinned map, the record died with the old process. Rebuild it from the map (the
+        client -> VIP name) and the handoff id, which the owner minted with its name as prefix
+        (the owner checks id and flow again at End: a wrong guess is refused, not obeyed)."""
+        try:
+            hid = validate.handoff_id(hid)
+            local = inbound_flow(sock)
+        except (OSError, ValueError, ProtocolError):
+            return None
+        owner = max((p for p in self.ctx.cfg.peers if hid.startswith(f"{p.identity}-")),
+                    key=lambda p: len(p.identity), default=None)
+        if owner is None or (owner.name, hid) in self.flows:
+            return None
+        for e in self.ctx.dp.flows():
+            if (e.direction == Direction.EGRESS and e.action == Action.SNAT
+                    and e.flow == local and e.target is not None):
+                rec = HostedFlow(hid, owner, FlowKey(local.client, e.target), local, app,
+                                 b"", b"", machine=Machine(State.SERVING))
+                self.flows[(owner.name, hid)] = rec
+                log.info("adopted handed-in flow %s (%s) after a restart", rec.flow, hid)
                 return rec
         return None
 
@@ -307,7 +331,8 @@ class Target:
     def close_all(self) -> None:
         """Shutdown: drop restored copies never handed to an app, and their rules."""
         for rec in list(self.flows.values()):
-            if rec.sock is not None:
-                xo.tcp.release(rec.sock)
+            if rec.sock is None:
+                continue  # an app serves it: its source rewrite outlives us (restart, upgrade)
+            xo.tcp.release(rec.sock)
             self.ctx.dp.remove(rec.local)
         self.flows.clear()
