@@ -10,12 +10,14 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from nginx_util import Traffic, keepalive_traffic
 
 from xo.lab import Host, Lab
 from xo.nginxlab import Nginx, build_module, make_files, running, shared_dir
@@ -245,3 +247,27 @@ def test_agent_down_serves_locally_then_hands_off_again(module_so: Path) -> None
             time.sleep(0.1)
         served, connects = curl_sequence(site, ["1m.bin", "64k.bin"])
         assert (served, connects) == (["b0", "b1"], 1)
+
+
+def test_hup_reload_mid_traffic_through_agents(module_so: Path) -> None:
+    with make_site(module_so) as site:
+        result: list[Traffic] = []
+        args = (site.client, str(site.lab.vip4), "/files/64k.bin", site.files["64k.bin"])
+        traffic = threading.Thread(
+            target=lambda: result.append(keepalive_traffic(*args, seconds=4.0, connections=2))
+        )
+        traffic.start()
+        try:
+            time.sleep(1.0)
+            site.front.reload()
+            time.sleep(1.0)
+            for b in site.backs:
+                b.reload()
+        finally:
+            traffic.join()
+        (t,) = result
+        assert t.losses == [] and t.ok > 0
+        for n in (site.front, *site.backs):  # the old workers finished and exited
+            wait_for(f"{n.host.name} workers", lambda n=n: len(n.worker_pids()), n.workers)
+        assert [r for r in site.front.access() if r["hs"] == "out"]
+        print(f"HUP through agents: {t.ok} ok, {t.retried} retried after a keep-alive close")
