@@ -455,3 +455,38 @@ def test_rejected_requests_on_raw_sockets(cluster: Cluster) -> None:
                                  b"Connection: close\r\n\r\n")
     assert data.count(b"HTTP/1.1 403") == 2 and closed
     assert client(cluster).list_buckets()["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+
+def test_copy_object(cluster: Cluster) -> None:
+    s3 = client(cluster)
+    s3.create_bucket(Bucket="src")
+    s3.create_bucket(Bucket="dst")
+    data = os.urandom(3 * MIB + 5)
+    etag = s3.put_object(Bucket="src", Key="a", Body=data, Metadata={"m": "1"},
+                         ContentType="text/x-a")["ETag"]
+    res = s3.copy_object(Bucket="dst", Key="b", CopySource={"Bucket": "src", "Key": "a"})
+    assert res["CopyObjectResult"]["ETag"] == etag
+    got = s3.get_object(Bucket="dst", Key="b")
+    assert got["Body"].read() == data
+    assert got["Metadata"] == {"m": "1"} and got["ContentType"] == "text/x-a"
+    s3.copy_object(Bucket="dst", Key="b", CopySource="src/a", MetadataDirective="REPLACE",
+                   Metadata={"m": "2"}, ContentType="text/x-b")
+    head = s3.head_object(Bucket="dst", Key="b")
+    assert head["Metadata"] == {"m": "2"} and head["ContentType"] == "text/x-b"
+    for call, expected in [
+        (lambda: s3.copy_object(Bucket="src", Key="a", CopySource="src/a"), "InvalidRequest"),
+        (lambda: s3.copy_object(Bucket="dst", Key="c", CopySource="src/none"), "NoSuchKey"),
+        (lambda: s3.copy_object(Bucket="dst", Key="c", CopySource="nobucket/a"),
+         "NoSuchBucket"),
+        (lambda: s3.copy_object(Bucket="dst", Key="c", CopySource="src/a",
+                                CopySourceIfMatch='"0000"'), "PreconditionFailed"),
+        (lambda: s3.copy_object(Bucket="dst", Key="c", CopySource="src/a",
+                                CopySourceIfNoneMatch=etag), "PreconditionFailed"),
+    ]:
+        with pytest.raises(ClientError) as e:
+            call()
+        assert code(e) == expected
+    # the AWS CLI's move between buckets is CopyObject + DeleteObject
+    aws(cluster, "s3", "mv", "s3://src/a", "s3://dst/moved")
+    assert s3.get_object(Bucket="dst", Key="moved")["Body"].read() == data
+    assert s3.list_objects_v2(Bucket="src")["KeyCount"] == 0

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import socket
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from email.utils import formatdate, parsedate_to_datetime
 from urllib.parse import parse_qsl, unquote
 
 from xo.rgw import s3xml
-from xo.rgw.body import Body, has_body, receive
+from xo.rgw.body import SPOOL_IN_MEMORY, Body, has_body, receive
 from xo.rgw.config import S3Config
 from xo.rgw.errors import S3Error
 from xo.rgw.http import (
@@ -259,7 +260,7 @@ class Gateway:
             return self._get_object(ex, bucket, key)
         if method == "PUT":
             if ex.req.header("x-amz-copy-source"):
-                raise S3Error("NotImplemented", "CopyObject is not supported")
+                return self._copy_object(ex, bucket, key)
             if "uploadId" in q:
                 return self._upload_part(ex, bucket, key)
             return self._put_object(ex, bucket, key)
@@ -579,6 +580,36 @@ class Gateway:
             raise S3Error("InternalError", "storage node stored different bytes")
         return self._reply(ex, 200, headers=[("ETag", f'"{meta.etag}"')])
 
+    def _copy_object(self, ex: Exchange, bucket: str, key: str) -> HttpConnection:
+        """CopyObject: read the source from a node that has it, write it like a PUT."""
+        source = unquote(ex.req.header("x-amz-copy-source") or "")
+        src_path, _, src_query = source.partition("?")
+        if src_query:
+            raise S3Error("NotImplemented", "versioned copy sources are not supported")
+        src_bucket, _, src_key = src_path.lstrip("/").partition("/")
+        check_bucket_name(src_bucket)
+        check_key(src_key)
+        directive = (ex.req.header("x-amz-metadata-directive") or "COPY").upper()
+        if directive not in ("COPY", "REPLACE"):
+            raise S3Error("InvalidArgument", f"bad x-amz-metadata-directive {directive!r}")
+        if (src_bucket, src_key) == (bucket, key) and directive == "COPY":
+            raise S3Error("InvalidRequest", "This copy request is illegal because it is trying "
+                          "to copy an object to itself without changing the object's metadata.")
+        self._require_bucket(bucket)
+        self._body(ex).close()  # a copy carries no body
+        meta, node = self._locate(src_bucket, src_key)
+        _copy_conditions(ex.req, meta)
+        content_type, user_meta = ((meta.content_type, meta.user_meta) if directive == "COPY"
+                                   else _object_meta(ex.req))
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
+            with node.open("GET", object_path(src_bucket, src_key),
+                           {"X-Xo-If-Match": meta.etag}) as resp:
+                for data in node.read_chunks(resp, meta.size):
+                    spool.write(data)
+            new = self._placed_write(bucket, key, lambda c: c.put(
+                bucket, key, spool, meta.size, content_type, user_meta))
+        return self._reply(ex, 200, s3xml.copy_result(new.etag, new.mtime))
+
     def _delete_object(self, bucket: str, key: str) -> None:
         self._require_bucket(bucket)
         reached = 0
@@ -812,6 +843,15 @@ def _conditional(req: Request, meta: ObjectMeta) -> int:
     elif (t := _http_time(req.header("if-modified-since"))) is not None and mtime <= t:
         return 304
     return 200
+
+
+def _copy_conditions(req: Request, meta: ObjectMeta) -> None:
+    """x-amz-copy-source-if-*: the RFC 7232 rules on the source; any failure is a 412."""
+    prefix = "x-amz-copy-source-"
+    conditions = {name.removeprefix(prefix): values for name, values in req.headers.items()
+                  if name.startswith(prefix + "if-")}
+    if conditions and _conditional(Request("GET", "", "HTTP/1.1", conditions), meta) == 304:
+        raise S3Error("PreconditionFailed")
 
 
 def _object_meta(req: Request) -> tuple[str, dict[str, str]]:

@@ -80,6 +80,13 @@ def complete_upload(location: str, bucket: str, key: str, etag: str) -> bytes:
     ).encode()
 
 
+def copy_result(etag: str, mtime: float) -> bytes:
+    return (
+        f'{HEADER}<CopyObjectResult xmlns="{NS}">{_el("LastModified", iso8601(mtime))}'
+        f'{_el("ETag", chr(34) + etag + chr(34))}</CopyObjectResult>'
+    ).encode()
+
+
 def location(region: str) -> bytes:
     value = "" if region == "us-east-1" else escape(region)
     return f'{HEADER}<LocationConstraint xmlns="{NS}">{value}</LocationConstraint>'.encode()
