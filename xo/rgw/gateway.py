@@ -260,6 +260,8 @@ class Gateway:
             return self._get_object(ex, bucket, key)
         if method == "PUT":
             if ex.req.header("x-amz-copy-source"):
+                if "uploadId" in q:
+                    raise S3Error("NotImplemented", "UploadPartCopy is not supported")
                 return self._copy_object(ex, bucket, key)
             if "uploadId" in q:
                 return self._upload_part(ex, bucket, key)
