@@ -297,6 +297,10 @@ def test_multipart_errors(cluster: Cluster) -> None:
     up = s3.create_multipart_upload(Bucket="mperr", Key="k")["UploadId"]
     e1 = s3.upload_part(Bucket="mperr", Key="k", UploadId=up, PartNumber=1, Body=b"a" * 100)
     e2 = s3.upload_part(Bucket="mperr", Key="k", UploadId=up, PartNumber=2, Body=b"b")
+    with pytest.raises(ClientError) as e:
+        s3.upload_part_copy(Bucket="mperr", Key="k", UploadId=up, PartNumber=3,
+                            CopySource="mperr/other")
+    assert code(e) == "NotImplemented"
     parts = [{"PartNumber": 1, "ETag": e1["ETag"]}, {"PartNumber": 2, "ETag": e2["ETag"]}]
     with pytest.raises(ClientError) as e:
         s3.complete_multipart_upload(Bucket="mperr", Key="k", UploadId=up, MultipartUpload={
