@@ -34,6 +34,9 @@ pytestmark = pytest.mark.net
 SMALL = 1000
 LARGE = 200_000
 HEALTH_DEADLINE_S = 15.0
+DEAD_HOST_TABLE = "xo_dead_host"
+DEAD_HOST_NFT = (f"table inet {DEAD_HOST_TABLE} {{ chain input {{ type filter hook input "
+                 "priority 0; policy drop; }} }}\n")
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +179,14 @@ def test_target_crash_after_taking_the_connection(env: tuple[Lab, LabAgents]) ->
         assert conn.sock is not None
         xo.tcp.release(conn.sock)
         agents.kill(b0)
-        deadline = time.monotonic() + HEALTH_DEADLINE_S
-        while pinned_flows(f) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        # A dead host answers nothing (a refused connect would mean "agent restarting").
+        b0.run(["nft", "-f", "-"], input=DEAD_HOST_NFT, text=True)
+        try:
+            deadline = time.monotonic() + HEALTH_DEADLINE_S
+            while pinned_flows(f) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            b0.run(["nft", "delete", "table", "inet", DEAD_HOST_TABLE])
         assert pinned_flows(f) == 0, "the owner kept a redirect to a dead target"
         agents.start(b0)  # its restart removes the rewrite whose socket died with it
         assert pinned_flows(b0) == 0

@@ -381,6 +381,11 @@ def test_node_down_served_from_replica_then_clean_error(cluster: Cluster) -> Non
     for k, v in objects.items():  # replication factor 2: every object has a live copy
         assert s3.get_object(Bucket="hav", Key=k)["Body"].read() == v
     s3.put_object(Bucket="hav", Key="while-down", Body=b"still two copies")
+    for call, expected in [(lambda: s3.get_object(Bucket="hav", Key="nope"), "NoSuchKey"),
+                           (lambda: s3.get_object(Bucket="nobucket", Key="k"), "NoSuchBucket")]:
+        with pytest.raises(ClientError) as e:  # one node down: the answer is still exact
+            call()
+        assert code(e) == expected
     cluster.stop_node(1)
     lost = 0
     for k in objects:

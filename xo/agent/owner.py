@@ -29,6 +29,7 @@ import xo.tcp
 from xo.agent import validate
 from xo.agent.config import Peer
 from xo.agent.context import Context, PhaseTimer
+from xo.agent.liveness import host_alive
 from xo.agent.local import AppConn, NoApp
 from xo.agent.machine import Event, Machine, State, StateError
 from xo.agent.validate import ProtocolError
@@ -46,6 +47,9 @@ READY_TIMEOUT_S = 1.0
 HEALTH_INTERVAL_S = 1.0
 # Consecutive failed health checks before a target's flows are declared lost.
 HEALTH_FAILURES = 3
+# ... unless its host still answers TCP (only the agent is away: a restart or an upgrade, the
+# apps there keep serving): then a minute of checks, time for a slow restart (BCC compile).
+RESTART_GRACE_CHECKS = 60
 OLD_SOCKET_WAIT_S = 1.0
 OLD_SOCKET_POLL_S = 0.001
 
@@ -411,6 +415,11 @@ class Owner:
             failures = self._failures.get(peer.name, 0) + 1
         self._failures[peer.name] = failures
         if failures < HEALTH_FAILURES:
+            return
+        if failures < RESTART_GRACE_CHECKS and await host_alive(peer.address):
+            if failures == HEALTH_FAILURES:
+                log.warning("target %s: agent not answering, host up: keeping its flows",
+                            peer.name)
             return
         lost = [r for r in self.by_flow.values()
                 if r.peer.name == peer.name and r.machine.state in (State.OFFLOADED,

@@ -432,7 +432,7 @@ class Gateway:
                     no_bucket += 1
                 else:
                     raise
-        if no_bucket and not no_key and not down:
+        if no_bucket and not no_key and (not down or no_bucket >= self.config.replicas):
             raise S3Error("NoSuchBucket", resource=bucket)
         # Writes land on `replicas` reachable nodes: with fewer answers the object may exist.
         if no_key + no_bucket >= self.config.replicas or not down:
