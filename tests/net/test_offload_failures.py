@@ -36,7 +36,7 @@ LARGE = 200_000
 HEALTH_DEADLINE_S = 15.0
 DEAD_HOST_TABLE = "xo_dead_host"
 DEAD_HOST_NFT = (f"table inet {DEAD_HOST_TABLE} {{ chain input {{ type filter hook input "
-                 "priority 0; policy drop; }} }}\n")
+                 "priority 0; policy drop; } }\n")
 
 
 @pytest.fixture(scope="module")

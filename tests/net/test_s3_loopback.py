@@ -49,23 +49,26 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.gateway.address[1]}"
+        host, port = self.gateway.address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def stop_node(self, i: int) -> None:
         self.nodes[i].close()
 
     def start_node(self, i: int) -> None:
-        self.nodes[i] = StorageNode(Store(self.root / f"n{i}"), ("127.0.0.1", self.ports[i]))
+        host = self.config.nodes[i].address.sockaddr()[0]
+        self.nodes[i] = StorageNode(Store(self.root / f"n{i}"), (host, self.ports[i]))
         self.nodes[i].start()
 
 
-def make_cluster(root: Path, **gateway: object) -> Cluster:
-    nodes = [StorageNode(Store(root / f"n{i}"), ("127.0.0.1", 0)).start() for i in range(3)]
+def make_cluster(root: Path, host: str = "127.0.0.1", **gateway: object) -> Cluster:
+    nodes = [StorageNode(Store(root / f"n{i}"), (host, 0)).start() for i in range(3)]
     ports = [n.address[1] for n in nodes]
+    bracketed = f"[{host}]" if ":" in host else host
     config = parse({
-        "gateway": {"listen": "127.0.0.1:0", "keys": {AK: SK}, "connect_timeout": 0.5,
+        "gateway": {"listen": f"{bracketed}:0", "keys": {AK: SK}, "connect_timeout": 0.5,
                     "io_timeout": 5.0, **gateway},
-        "nodes": [{"name": f"n{i}", "address": f"127.0.0.1:{p}"} for i, p in enumerate(ports)],
+        "nodes": [{"name": f"n{i}", "address": f"{bracketed}:{p}"} for i, p in enumerate(ports)],
     })
     return Cluster(root, nodes, ports, Gateway(config).start(), config)
 
@@ -499,3 +502,21 @@ def test_copy_object(cluster: Cluster) -> None:
     aws(cluster, "s3", "mv", "s3://src/a", "s3://dst/moved")
     assert s3.get_object(Bucket="dst", Key="moved")["Body"].read() == data
     assert s3.list_objects_v2(Bucket="src")["KeyCount"] == 0
+
+
+def test_ipv6_everywhere(tmp_path: Path) -> None:
+    c = make_cluster(tmp_path, host="::1")
+    try:
+        s3 = client(c)
+        s3.create_bucket(Bucket="six")
+        data = os.urandom(100_000)
+        s3.put_object(Bucket="six", Key="k", Body=data)
+        assert s3.get_object(Bucket="six", Key="k", Range="bytes=10-19")["Body"].read() == \
+            data[10:20]
+        url = s3.generate_presigned_url("get_object", Params={"Bucket": "six", "Key": "k"})
+        assert url.startswith("http://[::1]:")
+        assert aws(c, "s3", "ls", "s3://six").stdout.count(" k") == 1
+    finally:
+        c.gateway.close()
+        for n in c.nodes:
+            n.close()
