@@ -134,3 +134,58 @@ class PortCapture:
         self._t.join()
         self.sock.close()
         return bytes(self.payload)
+
+
+class RstSniffer:
+    """Records every RST frame seen on the hosts' eth0 (for telling which flow it was)."""
+
+    def __init__(self, client: Host, *hosts: Host) -> None:
+        self.client = str(client.ip4)
+        self.seen: list[str] = []
+        self._hist: dict[tuple[str, int], list[str]] = {}
+        self._socks = []
+        for h in hosts:
+            with h.enter():
+                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+                s.bind((h.ifname, 0))
+            s.settimeout(0.1)
+            self._socks.append((h.name, s))
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(n, s), daemon=True)
+                         for n, s in self._socks]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, name: str, s: socket.socket) -> None:
+        while not self._stop.is_set():
+            try:
+                frame = s.recv(65535)
+            except TimeoutError:
+                continue
+            if struct.unpack("!H", frame[12:14])[0] != 0x0800:
+                continue
+            ip = frame[ETH_HLEN:]
+            if ip[9] != socket.IPPROTO_TCP:
+                continue
+            tcp = ip[(ip[0] & 0x0F) * 4 :]
+            src, dst = socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])
+            sport, dport, seq, ack = struct.unpack("!HHII", tcp[:12])
+            total = struct.unpack("!H", ip[2:4])[0]
+            plen = total - (ip[0] & 0x0F) * 4 - (tcp[12] >> 4) * 4
+            line = (f"{time.monotonic():.6f} {name}: {src}:{sport} -> {dst}:{dport} "
+                    f"flags={tcp[13]:#x} seq={seq} ack={ack} len={plen}")
+            # the client's port names the flow (the client sends from it, is sent to it)
+            key = sport if src == self.client else dport
+            hist = self._hist.setdefault((name, key), [])
+            hist.append(line)
+            del hist[:-12]
+            if tcp[13] & 0x04:
+                self.seen.append("\n".join(hist))
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        for _, s in self._socks:
+            s.close()
+        return self.seen

@@ -9,7 +9,15 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from offload_kit import Client, PortCapture, delta, pinned_flows, rst_counts, wait_settled
+from offload_kit import (
+    Client,
+    PortCapture,
+    RstSniffer,
+    delta,
+    pinned_flows,
+    rst_counts,
+    wait_settled,
+)
 
 from xo.agent.labkit import LabAgents
 from xo.app import Server
@@ -49,6 +57,7 @@ def test_one_keepalive_connection_alternates_frontend_and_backends(
     c, f = lab.clients[0], lab.frontends[0]
     with lab_apps(lab, agents, small=SMALL) as apps:
         before = rst_counts(c, f, *lab.backends)
+        sniff = RstSniffer(c, f, *lab.backends)
         cap = PortCapture(f, HTTP_PORT)
         client = Client(c, str(lab.vip4))
         served = []
@@ -62,7 +71,7 @@ def test_one_keepalive_connection_alternates_frontend_and_backends(
     # frontend, backend 1, frontend, backend 2, ... on the same connection
     want = list(itertools.islice(itertools.cycle(["f0", "b0", "f0", "b1"]), 4 * ROUNDS))
     assert served == want
-    assert delta(before, after) == {}, "RSTs or aborts counted"
+    assert delta(before, after) == {}, "\n\n".join(sniff.stop())
     # The frontend's link carried its own small responses and none of the backends' bytes.
     assert b"X-Served-By: b" not in seen
     assert b"X-Served-By: f0" in seen
@@ -104,6 +113,7 @@ def test_200_concurrent_connections_with_handoffs(env: tuple[Lab, LabAgents]) ->
     n = 200
     with lab_apps(lab, agents, small=SMALL) as apps:
         before = rst_counts(c, f, *lab.backends)
+        sniff = RstSniffer(c, *lab.backends)
         clients = [Client(c, str(lab.vip4), timeout=30) for _ in range(n)]
         errors: list[str] = []
         served: list[str] = []
@@ -134,4 +144,4 @@ def test_200_concurrent_connections_with_handoffs(env: tuple[Lab, LabAgents]) ->
     assert offloaded == apps.frontend.stats.offloaded
     # Under load an offload may be refused (the app then serves locally): report, bound it.
     assert offloaded >= n, f"only {offloaded} of {2 * n} large requests were offloaded"
-    assert delta(before, after) == {}
+    assert delta(before, after) == {}, "\n\n".join(sniff.stop())

@@ -47,7 +47,7 @@ END_TIMEOUT_S = 5.0
 CLOSED_END_ATTEMPTS = 3
 # How long a client-closed connection may take to finish its close (our FIN, its ACK).
 CLOSE_WAIT_S = 2.0
-CLOSE_POLL_S = 0.002
+CLOSE_POLL_S = 0.0002
 
 
 @dataclass
@@ -247,6 +247,10 @@ class Target:
         if state == uapi.TCP_CLOSE_WAIT:
             reason = offload_pb2.CLIENT_CLOSED
             await self._finish_close(sock)
+        # The socket is closed (unhashed): a stray segment of the client (e.g. a duplicate of
+        # its last ACK) would meet no socket and draw an RST. Drop strays until the owner has
+        # removed its redirect (End below); _forget removes the block with the rewrite.
+        self.ctx.dp.block(rec.local)
         end = offload_pb2.EndRequest(handoff_id=rec.handoff_id, flow=rec.flow.to_proto(),
                                      reason=reason)
         for _ in range(CLOSED_END_ATTEMPTS):
