@@ -35,8 +35,8 @@ SMALL = 1000
 LARGE = 200_000
 HEALTH_DEADLINE_S = 15.0
 DEAD_HOST_TABLE = "xo_dead_host"
-DEAD_HOST_NFT = (f"table inet {DEAD_HOST_TABLE} {{ chain input {{ type filter hook input "
-                 "priority 0; policy drop; } }\n")
+DEAD_HOST_NFT = (f"table inet {DEAD_HOST_TABLE} {{\n chain input {{\n"
+                 "  type filter hook input priority 0; policy drop;\n }\n}\n")
 
 
 @pytest.fixture(scope="module")
