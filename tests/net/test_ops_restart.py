@@ -1,0 +1,209 @@
+"""Zero-disruption agent restart: both agents of an offloaded connection are restarted (a
+graceful SIGTERM restart as an upgrade does, or a crash) in the middle of a long transfer that
+the backend sends straight to the client. The transfer loses no byte, no RST is counted
+anywhere, and afterwards the connection still goes back to the frontend and serves the next
+request: the owner adopted its redirect from the pinned map, the target its source rewrite."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from offload_kit import Client, delta, rst_counts, wait_settled
+
+from xo.agent.labkit import LabAgents
+from xo.app import AgentClient, Kind, Server
+from xo.httpapp import HTTP_PORT, Frontend, body, listener, response
+from xo.lab import Host, Lab
+
+pytestmark = pytest.mark.net
+
+SMALL = 1000
+LENGTH = 24 * 1024 * 1024  # the long transfer
+TRICKLE_CHUNK = 4 * 1024  # ~200 KB/s: 24 MiB would take two minutes at this pace
+# Until both restarts are done the backend trickles (it must still be sending while the
+# agents are away); then it sends the rest at full speed.
+TRICKLE_S = 0.02
+HOLDER_PORT = HTTP_PORT + 1
+FRONT_PORT2 = HTTP_PORT + 2
+TRANSFER_TIMEOUT_S = 120
+ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
+ETH_HLEN = 14
+TCP_RST = 0x04
+# While an agent is down its host refuses connects to the agent port (gRPC reconnects, the
+# owner's liveness probe): those RSTs are counted in TcpOutRsts but touch no client flow, so
+# the servers' aborts are checked by nstat and RSTs of the client's flow by a capture.
+SERVER_ABORTS = ("TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose", "TcpExtTCPAbortOnTimeout")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, LabAgents]]:
+    with Lab(clients=1, frontends=1, backends=1) as lab:
+        agents = LabAgents(lab, tmp_path_factory.mktemp("agents"), verbose=True)
+        agents.detach_on_exit = False  # SIGTERM must keep the datapath, as in production
+        agents.start()
+        try:
+            yield lab, agents
+        finally:
+            agents.stop()  # the lab's teardown unpins the maps of its namespaces
+
+
+def status(agents: LabAgents, h: Host) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "xo.cli", "status", "-s",
+                          agents.socket_path(h), "--json"],
+                         check=True, capture_output=True, text=True, timeout=30)
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
+
+
+def restart(agents: LabAgents, h: Host, how: str) -> None:
+    agents.kill(h, signal.SIGTERM if how == "graceful" else signal.SIGKILL)
+    agents.start(h)
+
+
+class RstCapture:
+    """Counts TCP RST segments of one client port on the client's eth0 (both directions)."""
+
+    def __init__(self, h: Host, port: int) -> None:
+        with h.enter():
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            self.sock.bind((h.ifname, 0))
+        self.sock.settimeout(0.1)
+        self.port, self.rsts, self.segments = port, 0, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame = self.sock.recv(65535)
+            except TimeoutError:
+                continue
+            if struct.unpack("!H", frame[12:14])[0] != ETH_P_IP or frame[ETH_HLEN + 9] != 6:
+                continue
+            tcp = frame[ETH_HLEN + (frame[ETH_HLEN] & 0x0F) * 4 :]
+            if self.port in struct.unpack("!HH", tcp[:4]):
+                self.segments += 1
+                self.rsts += bool(tcp[13] & TCP_RST)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        self.sock.close()
+        return self.rsts
+
+
+def aborts(lab: Lab) -> dict[str, int]:
+    c, f, b0 = lab.clients[0], lab.frontends[0], lab.backends[0]
+    out = {k: v for k, v in rst_counts(c).items()}
+    for h in (f, b0):
+        st = h.nstat()
+        out.update({f"{h.name}.{k}": st.get(k, 0) for k in SERVER_ABORTS})
+    return out
+
+
+class Sender(threading.Thread):
+    """The backend app's side of the transfer: trickle until told, then the rest at once."""
+
+    def __init__(self, sock: socket.socket, data: bytes) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.data = sock, data
+        self.hurry = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            view = memoryview(self.data)
+            sent = 0
+            while sent < len(view) and not self.hurry.is_set():
+                sent += self.sock.send(view[sent : sent + TRICKLE_CHUNK])
+                time.sleep(TRICKLE_S)
+            self.sock.sendall(view[sent:])
+        except OSError as e:
+            self.error = e
+
+
+@pytest.mark.parametrize("how", ["graceful", "crash"])
+def test_restarting_both_agents_mid_transfer_loses_nothing(env: tuple[Lab, LabAgents],
+                                                           how: str) -> None:
+    lab, agents = env
+    c, f, b0 = lab.clients[0], lab.frontends[0], lab.backends[0]
+    before = aborts(lab)
+    fe = Frontend(Server(listener(f, str(lab.vip4), HTTP_PORT), agents.socket_path(f), "http"),
+                  f.name, [b0.name], small=SMALL).start()
+    holder = Server(listener(b0, str(b0.ip4), HOLDER_PORT), agents.socket_path(b0), "http")
+    client = Client(c, str(lab.vip4), timeout=TRANSFER_TIMEOUT_S)
+    fe2: Frontend | None = None
+    cap: RstCapture | None = None
+    b0_app: AgentClient | None = None
+    fe_old: Frontend | None = fe
+    holder_old: Server | None = holder
+    try:
+        cap = RstCapture(c, client.conn.sock.getsockname()[1])
+        client.conn.request("GET", f"/size/{LENGTH}")
+        conn = holder.agent.get(timeout=10)
+        assert conn is not None and conn.kind == Kind.HANDED_IN and conn.sock is not None
+        sender = Sender(conn.sock, response(LENGTH, b0.name, True))
+        sender.start()
+        got: dict[str, bytes] = {}
+        reader = threading.Thread(
+            target=lambda: got.setdefault("body", client.conn.getresponse().read()),
+            daemon=True)
+        reader.start()
+
+        restart(agents, f, how)  # the owner: its redirect carries the client's ACKs
+        restart(agents, b0, how)  # the target: its source rewrite carries the response
+        assert sender.error is None, sender.error
+        assert sender.is_alive(), "the transfer ended before the restarts: not mid-transfer"
+        # Both agents came back holding the flow, read from the pinned maps.
+        fs, bs = status(agents, f), status(agents, b0)
+        assert fs["reattached"] and bs["reattached"]
+        assert [(x["role"], x["ebpf_rule"], x["state"]) for x in fs["flows"]] == [
+            ("owner", "redirect", "offloaded")]
+        assert [x["ebpf_rule"] for x in bs["flows"]] == ["snat"]
+        assert fs["flows"][0]["client"] == bs["flows"][0]["client"]
+
+        sender.hurry.set()
+        sender.join(TRANSFER_TIMEOUT_S)
+        reader.join(TRANSFER_TIMEOUT_S)
+        assert sender.error is None, sender.error
+        assert got.get("body") == body(LENGTH), "the transfer lost or changed bytes"
+
+        # The apps reconnect to the new agents; the connection goes back to the frontend.
+        holder.close()
+        fe.stop()
+        holder_old = fe_old = None
+        fe2 = Frontend(Server(listener(f, str(lab.vip4), FRONT_PORT2), agents.socket_path(f),
+                              "http"), f.name, [], small=LENGTH).start()
+        b0_app = AgentClient(agents.socket_path(b0), "http")
+        b0_app.give_back(conn.sock, conn.handoff_id)
+        conn.sock.close()
+        assert client.get(SMALL)[0] == f.name  # served by f0 on the same connection
+        client.close()
+        assert wait_settled(lab) == {}, "flow entries left behind"
+        assert delta(before, aborts(lab)) == {}, "RSTs or aborts counted"
+        assert cap.stop() == 0 and cap.segments > 0, "RST on the client's connection"
+        cap = None
+    finally:
+        client.close()
+        if cap is not None:
+            cap.stop()
+        if b0_app is not None:
+            b0_app.close()
+        if fe2 is not None:
+            fe2.stop()
+        if holder_old is not None:
+            holder_old.close()
+        if fe_old is not None:
+            fe_old.stop()
