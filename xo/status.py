@@ -43,9 +43,9 @@ def query(path: str | Path, timeout: float = TIMEOUT_S) -> local_pb2.StatusReply
             s.connect(str(path))
         except OSError as e:
             raise StatusError(f"cannot reach the agent at {path}: {e.strerror or e}") from None
-        framing.send(s, local_pb2.LocalMessage(status=local_pb2.StatusRequest()))
         dec = framing.Decoder()
         try:
+            framing.send(s, local_pb2.LocalMessage(status=local_pb2.StatusRequest()))
             while True:
                 frames = framing.recv_into(s, dec)
                 if frames is None:
