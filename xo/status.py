@@ -132,7 +132,7 @@ def render(st: local_pb2.StatusReply) -> str:
     lines.append(f"refusals: {refusals}")
     lines.append("datapath packets: "
                  + ", ".join(f"{k}={v}" for k, v in sorted(d["datapath"].items())))
-    apps = ", ".join(f"{k}x{v}" for k, v in sorted(d["apps"].items())) or "none"
+    apps = ", ".join(f"{k}={v}" for k, v in sorted(d["apps"].items())) or "none"
     lines.append(f"apps: {apps}")
     return "\n".join(lines)
 
