@@ -13,6 +13,7 @@ import time
 
 from bcc.libbcc import lib as bcc_lib  # type: ignore[import-untyped]
 
+from xo.agent.labkit import LabAgents
 from xo.datapath.datapath import default_pin_dir
 from xo.datapath.layout import FlowKeyStruct
 from xo.httpapp import HTTP_PORT, body
@@ -189,3 +190,14 @@ class RstSniffer:
         for _, s in self._socks:
             s.close()
         return self.seen
+
+
+def agent_warnings(agents: LabAgents, limit: int = 30) -> str:
+    """The agents' warnings and errors (for assertion messages: their tmp dirs rotate)."""
+    lines = []
+    for h in agents.hosts:
+        path = agents.log_path(h)
+        if path.exists():
+            lines += [f"{h.name}: {ln}" for ln in path.read_text(errors="replace").splitlines()
+                      if " WARNING " in ln or " ERROR " in ln or "Error" in ln]
+    return "\n".join(lines[-limit:])

@@ -13,6 +13,7 @@ from offload_kit import (
     Client,
     PortCapture,
     RstSniffer,
+    agent_warnings,
     delta,
     pinned_flows,
     rst_counts,
@@ -45,9 +46,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, LabAgen
 @pytest.fixture(autouse=True)
 def no_leaks(env: tuple[Lab, LabAgents]) -> Iterator[None]:
     yield
-    lab, _ = env
+    lab, agents = env
     left = {h.name: pinned_flows(h) for h in [*lab.frontends, *lab.backends]}
-    assert not any(left.values()), f"flow entries left behind: {left}"
+    assert not any(left.values()), f"flow entries left behind: {left}\n{agent_warnings(agents)}"
 
 
 def test_one_keepalive_connection_alternates_frontend_and_backends(
@@ -136,7 +137,7 @@ def test_200_concurrent_connections_with_handoffs(env: tuple[Lab, LabAgents]) ->
             t.start()
         for t in threads:
             t.join(120)
-        assert wait_settled(lab) == {}
+        assert wait_settled(lab) == {}, agent_warnings(agents)
         after = rst_counts(c, f, *lab.backends)
     assert errors == []
     assert len(served) == 3 * n
