@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from tls_records import open_record, seal, split_records
 
+from xo import uapi
 from xo.flow import Endpoint
 from xo.lab import Host, Lab
 from xo.tls import (
@@ -255,3 +256,19 @@ def test_round_trip_with_records_in_flight(lab: Lab, version: TlsVersion,
     time.sleep(SETTLE_S)
     after = _rsts([c, f, b])
     assert {k: after[k] - before[k] for k in after} == dict.fromkeys(after, 0)
+
+
+def test_install_accepted_in_repair_mode(lab: Lab) -> None:
+    """The restore order of the issue (ULP + crypto before repair off) is possible: the TLS
+    ULP only needs ESTABLISHED, which a socket in repair mode is."""
+    server, raw, _ = _connect(lab)
+    state = _state(TlsVersion.TLS_1_3, TlsCipher.AES_GCM_256, 0)
+    peer = Peer(raw, _mirror(state))
+    with server, raw:
+        server.setsockopt(uapi.SOL_TCP, uapi.TCP_REPAIR, uapi.TCP_REPAIR_ON)
+        install(server, state)
+        server.setsockopt(uapi.SOL_TCP, uapi.TCP_REPAIR, uapi.TCP_REPAIR_OFF)
+        server.sendall(b"installed in repair mode")
+        assert peer.recv_records(1) == [b"installed in repair mode"]
+        peer.send(b"and back")
+        assert _recv_exact(server, 8) == b"and back"
