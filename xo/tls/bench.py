@@ -5,8 +5,8 @@ examples:
   scripts/kernel-tier.sh --exec .venv/bin/xo bench-tls --runs 300     in the VM (kTLS)
   xo bench-tls --json                one JSON object instead of the table
 
-What, all in one run so the ratios hold: (1) TlsState to_bytes/from_bytes (seed 003: 3 us /
-20 us in C) next to TcpState; (2) xo.tls.capture and xo.tls.install on live loopback sockets
+What, all in one run so the ratios hold: (1) TlsState to_bytes/from_bytes next to TcpState;
+(2) xo.tls.capture and xo.tls.install on live loopback sockets (seed 003, in C: 3 us / 20 us)
 next to xo.tcp.capture; (3) a lab (client, frontend, backend namespaces): one keep-alive
 connection moved F -> B -> F -> ... with xo.tls.move (nftables datapath stand-in) after
 each request is read and before it is answered, once over kTLS and once plain TCP.
