@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lab": ("xo.lab", "build or remove a lab of network namespaces (lab up|down|list)"),
     "bench-tcp": ("xo.bench_tcp", "benchmark TCP capture/restore and the client's blackout"),
     "bench-datapath": ("xo.datapath.bench", "benchmark the eBPF flow table and a move's blackout"),
+    "bench-hwrules": ("xo.hwrules.bench", "eBPF vs flower rule insert/remove (in the kernel VM)"),
     "s3-gateway": ("xo.rgw.cmd_gateway", "run the S3 gateway (offloads large GETs to nodes)"),
     "s3-node": ("xo.rgw.cmd_node", "run an S3 storage node"),
     "s3-bench": ("xo.rgw.cmd_bench", "S3 GET throughput in a lab: proxy vs offload"),

@@ -1,10 +1,12 @@
 """Rule insert/remove latency, eBPF map vs flower (software) vs flower on netdevsim, same run.
 
 Runs inside the kernel-tier VM (this host has no cls_flower), in a network namespace of its
-own, and prints a markdown table for BENCHMARKS.md:
+own, and prints markdown tables for BENCHMARKS.md:
 
-    scripts/kernel-tier.sh --exec bash -c \\
-      '.venv/bin/python -m xo.hwrules.bench --netdevsim $XO_NETDEVSIM_DIR/flower/netdevsim.ko'
+examples:
+  scripts/kernel-tier.sh --exec bash -c \\
+    '.venv/bin/xo bench-hwrules --rules 100 --netdevsim $XO_NETDEVSIM_DIR/flower/netdevsim.ko'
+  scripts/kernel-tier.sh --exec .venv/bin/xo bench-hwrules      (no netdevsim rows)
 
 Per rule: eBPF = Datapath.redirect()/remove() (a map update from Python); flower = one
 NetlinkTransport.add()/delete() round trip (NLM_F_ECHO add, so the latency includes the
@@ -131,14 +133,24 @@ def bench_queue(label: str, netns: str | None, rules: list[FlowerRule]) -> str:
             f"({landed}) | {len(rules) / removed:.0f} rules/s out |")
 
 
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rules", type=int, default=200, help="rules per measurement")
+    parser.add_argument("--netdevsim", type=Path, help="patched netdevsim.ko (flower accepted)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xo.hwrules.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rules", type=int, default=200, help="rules per measurement")
-    parser.add_argument("--netdevsim", type=Path, help="patched netdevsim.ko (flower accepted)")
-    args = parser.parse_args(argv)
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.rules <= 0:
+        print("xo bench-hwrules: --rules must be positive", file=sys.stderr)
+        return 2
     if os.environ.get("XO_KERNEL_TIER") != "1":
-        print("xo.hwrules.bench: run it in the kernel-tier VM (scripts/kernel-tier.sh --exec)",
+        print("xo bench-hwrules: run it in the kernel-tier VM (scripts/kernel-tier.sh --exec)",
               file=sys.stderr)
         return 2
     fl = flows(args.rules)
