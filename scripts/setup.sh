@@ -22,7 +22,7 @@ APT_PACKAGES=(
   python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-pip python3-dev
   nftables tcpdump ethtool iproute2 curl wrk openssl kmod busybox-static
   nginx nginx-dev qemu-system-x86 linux-image-amd64 linux-source-6.1 xz-utils
-  build-essential
+  build-essential patch
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

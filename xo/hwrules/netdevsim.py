@@ -7,6 +7,7 @@ that accepts flower offload, so skip_sw rules report in_hw (control plane only: 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -42,8 +43,9 @@ class Netdevsim:
                 raise TimeoutError(f"netdevsim{self.dev_id}: no port after loading {self.ko}")
             time.sleep(POLL_S)
         # udev renames the port (eth0 -> eni<id>np1): let it finish before using the name.
-        subprocess.run(["udevadm", "settle", f"--timeout={APPEAR_TIMEOUT_S:.0f}"],
-                       capture_output=True)
+        if shutil.which("udevadm"):
+            subprocess.run(["udevadm", "settle", f"--timeout={APPEAR_TIMEOUT_S:.0f}"],
+                           capture_output=True)
         self.ifname = sorted(p.name for p in net.iterdir())[0]
         subprocess.run(["ip", "link", "set", self.ifname, "up"], check=True)
         subprocess.run(["ethtool", "-K", self.ifname, "hw-tc-offload", "on"], check=True,
