@@ -40,6 +40,8 @@ DRAIN_TIMEOUT_S = 5.0
 ACCEPT_POLL_S = 0.2
 # A client silent for this long is gone; no worker thread waits on it forever.
 IDLE_TIMEOUT_S = 30.0
+# How long a backend waits for the next keep-alive request before giving a connection back.
+NEXT_REQUEST_WAIT_S = 0.05
 _INT = struct.Struct("i")
 
 
@@ -249,9 +251,32 @@ class Backend(HttpApp):
         if self.on_request:
             self.on_request(self.name, size)
         wait_acked(sock)
-        # Bytes the client sent meanwhile (the next request) travel in the captured state.
+        if keep_alive:
+            rest = self._next_request(sock, rest)
         self.server.give_back(sock, conn.handoff_id, preread=rest)
         sock.close()
+
+    @staticmethod
+    def _next_request(sock: socket.socket, buf: bytes) -> bytes:
+        """Wait briefly for the client's next request, to hand it over as preread.
+
+        A keep-alive client sends its next request right after a response; given back while
+        that request is in flight, it is dropped by the capture's block and resent only after
+        the client's loss-probe timer (~200 ms). Read first, and the client is idle during the
+        return, as it is during the offload. Bytes never read travel in the captured state.
+        """
+        sock.settimeout(NEXT_REQUEST_WAIT_S)
+        try:
+            while split_request(buf) is None:
+                data = sock.recv(RECV_SIZE)
+                if not data:
+                    break  # the client closed: the agent sees it and ends the flow
+                buf += data
+        except TimeoutError:
+            pass  # an idle client: give back now
+        finally:
+            sock.settimeout(IDLE_TIMEOUT_S)
+        return buf
 
 
 HTTP_PORT = 80
