@@ -47,6 +47,7 @@ TCPI_OPT_WSCALE = 4
 
 # enum tcp states (include/net/tcp_states.h; exposed in tcp_info.tcpi_state)
 TCP_ESTABLISHED = 1
+TCP_TIME_WAIT = 6
 TCP_CLOSE = 7
 TCP_CLOSE_WAIT = 8
 TCP_LAST_ACK = 9

@@ -327,3 +327,25 @@ def test_garbage_on_the_local_socket_does_not_hurt_the_agent(env: tuple[Lab, Lab
         frames = framing.recv_into(s, dec)
     assert frames[0].msg.hello_reply.ok and frames[0].msg.hello_reply.agent == "b0"
     s.close()
+
+
+def test_app_closing_without_give_back_ends_the_flow(env: tuple[Lab, LabAgents]) -> None:
+    """The target app closes the handed-in socket itself (as on EOF or when it dies): the
+    close completes through the rules, then the target's sweep ends the flow on both sides."""
+    lab, agents = env
+    c, f, b0 = lab.clients[0], lab.frontends[0], lab.backends[0]
+    holder = Holder(b0, agents)
+    fe, client, conn = offload_one(lab, agents, holder)
+    before = rst_counts(c, f, b0)
+    try:
+        assert conn.sock is not None
+        conn.sock.sendall(response(LARGE, "b0", False))
+        conn.sock.close()  # no give back
+        r = client.conn.getresponse()
+        assert r.read() == body(LARGE)
+        client.close()  # the client's FIN reaches b0 through the redirect: a clean close
+        assert wait_settled(lab) == {}, "rules outlived a connection the app closed"
+        assert delta(before, rst_counts(c, f, b0)) == {}
+    finally:
+        fe.stop()
+        holder.close()

@@ -113,9 +113,10 @@ def open_timings(path: Path | None) -> IO[str] | None:
     return path.open("a", encoding="utf-8") if path else None
 
 
-def open_tcp_tuples() -> set[tuple[Endpoint, Endpoint]]:
-    """(local, remote) of every TCP socket in our network namespace (/proc/net/tcp{,6})."""
-    out: set[tuple[Endpoint, Endpoint]] = set()
+def open_tcp_tuples() -> dict[tuple[Endpoint, Endpoint], int]:
+    """(local, remote) -> TCP state of every connected socket in our network namespace
+    (/proc/net/tcp{,6}; TIME_WAIT entries included)."""
+    out: dict[tuple[Endpoint, Endpoint], int] = {}
     for name, size in (("tcp", 4), ("tcp6", 16)):
         try:
             lines = Path(f"/proc/thread-self/net/{name}").read_text().splitlines()[1:]
@@ -125,7 +126,8 @@ def open_tcp_tuples() -> set[tuple[Endpoint, Endpoint]]:
             fields = line.split()
             if len(fields) < 3 or fields[2].endswith(":0000"):
                 continue  # header or a listener (no remote end)
-            out.add((_proc_endpoint(fields[1], size), _proc_endpoint(fields[2], size)))
+            key = (_proc_endpoint(fields[1], size), _proc_endpoint(fields[2], size))
+            out[key] = int(fields[3], 16)
     return out
 
 

@@ -40,7 +40,7 @@ class Agent:
         self.owner: Owner | None = None
         self.target: Target | None = None
         self._server: grpc.aio.Server | None = None
-        self._health: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.ops = Ops()  # metrics, `xo status`
 
     async def start(self) -> None:
@@ -62,7 +62,8 @@ class Agent:
         await self.ops.start(Sources(ctx, self.owner, self.target, self.ops.ages,
                                      dp.reattached), cfg.metrics)
         local.start()
-        self._health = asyncio.get_running_loop().create_task(self.owner.health())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.owner.health()), loop.create_task(self.target.sweep())]
         log.info("agent %s: gRPC on %s, apps on %s, datapath on %s%s", cfg.name, cfg.listen,
                  cfg.local.path, cfg.interface, " (reattached)" if dp.reattached else "")
 
@@ -95,10 +96,10 @@ class Agent:
     async def stop(self) -> None:
         """Stop serving; the datapath (owned by the caller) keeps its pinned flows."""
         await self.ops.stop()
-        if self._health is not None:
-            self._health.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._health
+                await task
         if self._server is not None:
             await self._server.stop(SHUTDOWN_GRACE_S)
         if self.ctx is None:

@@ -48,6 +48,8 @@ CLOSED_END_ATTEMPTS = 3
 # How long a client-closed connection may take to finish its close (our FIN, its ACK).
 CLOSE_WAIT_S = 2.0
 CLOSE_POLL_S = 0.0002
+# How often the target looks for handed-in sockets their app closed without a give back.
+SWEEP_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -315,6 +317,36 @@ class Target:
         rec.machine.advance(event)
         self.ctx.dp.remove(rec.local)
         self.flows.pop((rec.owner.name, rec.handoff_id), None)
+
+    async def sweep(self) -> None:
+        """Forever: end flows whose app closed the socket without giving it back.
+
+        An app may close a handed-in socket itself (on EOF, an error, or by dying). Its FIN
+        leaves through our rewrite and the close completes through the owner's redirect; once
+        the 4-tuple is gone or in TIME_WAIT, End(CLIENT_CLOSED) lets both sides drop their
+        rules, so no rule outlives its connection.
+        """
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            serving = [r for r in self.flows.values()
+                       if r.machine.state == State.SERVING and r.sock is None]
+            if not serving:
+                continue
+            live = open_tcp_tuples()
+            for rec in serving:
+                state = live.get((rec.local.vip, rec.local.client))
+                if state is not None and state not in (uapi.TCP_TIME_WAIT, uapi.TCP_CLOSE):
+                    continue
+                log.info("flow %s closed by its app without a give back: ending it", rec.flow)
+                rec.machine.advance(Event.BLOCK)
+                self.ctx.dp.block(rec.local)  # strays of a closed flow: drop, do not reset
+                end = offload_pb2.EndRequest(handoff_id=rec.handoff_id,
+                                             flow=rec.flow.to_proto(),
+                                             reason=offload_pb2.CLIENT_CLOSED)
+                ok, detail = await self._send_end(rec, end)
+                if not ok:
+                    log.warning("end of %s not confirmed: %s", rec.flow, detail)
+                self._forget(rec, Event.CLOSED)
 
     def reconcile(self) -> int:
         """After a restart: remove source rewrites whose socket is gone (the connection died
