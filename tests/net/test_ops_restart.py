@@ -2,8 +2,9 @@
 graceful SIGTERM restart as an upgrade does, or a crash) in the middle of a long transfer that
 the backend sends straight to the client. The transfer loses no byte, every segment the client
 sent meanwhile went through the frontend's redirect, no RST touches the client's connection
-(capture) and the client counts none, and afterwards the connection still goes back to the frontend and serves the next
-request: the owner adopted its redirect from the pinned map, the target its source rewrite."""
+(capture) and the client counts none, and afterwards the connection still goes back to the
+frontend and serves the next request: the owner adopted its redirect from the pinned map, the
+target its source rewrite."""
 
 from __future__ import annotations
 
