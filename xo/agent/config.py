@@ -11,6 +11,7 @@ silently disable a setting):
     pin_dir = "/run/xo/bpffs/b0"     # optional: where the datapath pins its maps
     handoff_timeout_ms = 1000        # optional: owner gives up on a Handoff reply after this
     metrics = "127.0.0.1:9464"       # optional: Prometheus endpoint (default off; loopback!)
+    hw_rules = false                 # optional: mirror redirects as TC flower rules (NIC tier)
 
     [handoff]                        # where restored (handed-in) sockets bind on this host
     addresses = ["198.18.0.3"]
@@ -97,6 +98,7 @@ class AgentConfig:
     netns: str | None = None
     handoff_timeout_ms: int = DEFAULT_HANDOFF_TIMEOUT_MS
     metrics: str | None = None  # ADDR:PORT of GET /metrics; None: no endpoint
+    hw_rules: bool = False  # queue a TC flower twin of each redirect (xo.agent.hwqueue)
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
@@ -224,6 +226,7 @@ def parse(data: dict[str, Any], base: Path) -> AgentConfig:
             _host_port(m, "config.metrics") if (m := _take(data, "metrics", str, "config", None))
             else None
         ),
+        hw_rules=_take(data, "hw_rules", bool, "config", False),
         handoff=_handoff(dict(_take(data, "handoff", dict, "config"))),
         tls=_tls(dict(_take(data, "tls", dict, "config")), base),
         local=_local(dict(_take(data, "local", dict, "config")), base),
@@ -250,6 +253,8 @@ def load(path: str | Path) -> AgentConfig:
 
 
 def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
     if isinstance(v, str | Path):
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list | tuple):
@@ -270,6 +275,8 @@ def dumps(cfg: AgentConfig) -> str:
     top["handoff_timeout_ms"] = cfg.handoff_timeout_ms
     if cfg.metrics:
         top["metrics"] = cfg.metrics
+    if cfg.hw_rules:
+        top["hw_rules"] = True
     lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
     addrs = _toml_value([str(a) for a in cfg.handoff.addresses])
     lines += ["", "[handoff]", f"addresses = {addrs}",

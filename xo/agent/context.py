@@ -2,12 +2,14 @@
 
 Also the two seams later issues plug into: `RuleQueue` (the hardware TC-flower tier, issue 5:
 queued after the eBPF redirect is in place, cancelled when the flow ends) and `TlsHooks`
-(kTLS capture/install, issue 6). Until they land the agent runs with NoRuleQueue and NoTls,
-which refuse connections that carry TLS state instead of silently dropping the keys.
+(kTLS capture/install, issue 6). The daemon plugs in xo.tls.hooks.KernelTls where the kernel has
+kTLS and NoTls otherwise (which refuses connections that carry TLS state instead of silently
+dropping the keys), and HwRules (xo.agent.hwqueue) or NoRuleQueue.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
+import xo.tls
+import xo.tls.kernel
 from xo import uapi
 from xo.agent.config import AgentConfig
 from xo.agent.local import LocalServer
@@ -67,6 +71,20 @@ class NoTls:
 
     def install(self, sock: socket.socket, state: offload_pb2.TlsState) -> None:
         raise NotImplementedError("this agent has no kTLS support")
+
+
+# kTLS capture needs every sent record acknowledged: how long to wait for that before refusing.
+QUIESCE_TIMEOUT_S = 0.5
+
+
+async def quiesce(tls: TlsHooks, sock: socket.socket) -> None:
+    """Before blocking a kTLS flow: wait (bounded, off the event loop) until the peer has
+    acknowledged everything sent; a blocked flow receives no ACK. No-op for plain sockets.
+    Raises xo.tls.TlsRefusedError when the socket stays busy (the caller keeps serving it)."""
+    if not tls.supported or xo.tls.kernel.ulp_of(sock) != xo.tls.kernel.ULP_TLS.decode():
+        return
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, xo.tls.wait_quiescent, sock, QUIESCE_TIMEOUT_S)
 
 
 class PhaseTimer:

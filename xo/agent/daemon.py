@@ -17,14 +17,17 @@ import grpc.aio
 
 from xo.agent import rpc
 from xo.agent.config import AgentConfig
-from xo.agent.context import Context, open_timings
+from xo.agent.context import Context, NoRuleQueue, NoTls, RuleQueue, open_timings
 from xo.agent.framing import Frame
+from xo.agent.hwqueue import HwRules
 from xo.agent.local import AppConn, LocalServer
 from xo.agent.ops import CountingService, Ops
 from xo.agent.owner import Owner
 from xo.agent.status import Sources
 from xo.agent.target import Target
 from xo.datapath import Datapath
+from xo.hwrules import SizePolicy
+from xo.tls.hooks import KernelTls
 from xo.v1 import local_pb2, offload_pb2_grpc
 
 log = logging.getLogger("xo.agent")
@@ -47,7 +50,10 @@ class Agent:
         cfg = self.cfg
         dp = self.dp
         local = LocalServer(cfg.local, self._on_frame)
+        # KernelTls logs once why TLS flows stay local where the kernel has no kTLS.
+        tls = KernelTls()
         self.ctx = ctx = Context(cfg, dp, local, rpc.Channels(cfg),
+                                 rules=self._rules(), tls=tls if tls.supported else NoTls(),
                                  timings=open_timings(self._timings_path),
                                  observer=self.ops.record)
         self.owner, self.target = Owner(ctx), Target(ctx)
@@ -66,6 +72,12 @@ class Agent:
         self._tasks = [loop.create_task(self.owner.health()), loop.create_task(self.target.sweep())]
         log.info("agent %s: gRPC on %s, apps on %s, datapath on %s%s", cfg.name, cfg.listen,
                  cfg.local.path, cfg.interface, " (reattached)" if dp.reattached else "")
+
+    def _rules(self) -> RuleQueue:
+        if not self.cfg.hw_rules:
+            return NoRuleQueue()
+        # No per-flow size hint reaches the agent yet: every offloaded flow gets a rule.
+        return HwRules(self.dp, SizePolicy(threshold=0, unknown_size=True))
 
     async def _on_frame(self, conn: AppConn, frame: Frame) -> None:
         ctx, owner, target = self.ctx, self.owner, self.target
@@ -106,6 +118,8 @@ class Agent:
             return
         if self.target is not None:
             self.target.close_all()
+        if isinstance(self.ctx.rules, HwRules):
+            await asyncio.get_running_loop().run_in_executor(None, self.ctx.rules.close)
         await self.ctx.local.close()
         await self.ctx.channels.close()
         if self.ctx.timings is not None:

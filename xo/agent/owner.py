@@ -26,9 +26,10 @@ import grpc
 import grpc.aio
 
 import xo.tcp
+import xo.tls
 from xo.agent import validate
 from xo.agent.config import Peer
-from xo.agent.context import Context, PhaseTimer
+from xo.agent.context import Context, PhaseTimer, quiesce
 from xo.agent.liveness import host_alive
 from xo.agent.local import AppConn, NoApp
 from xo.agent.machine import Event, Machine, State, StateError
@@ -142,12 +143,22 @@ class Owner:
     async def _handoff(self, sock: socket.socket, rec: OwnedFlow,
                        req: local_pb2.OffloadRequest, timer: PhaseTimer) -> None:
         dp, m = self.ctx.dp, rec.machine
+        try:
+            await quiesce(self.ctx.tls, sock)
+        except xo.tls.TlsError as e:  # nothing happened yet: the app keeps serving
+            raise OffloadRefused(offload_pb2.REFUSED, f"tls: {e}") from None
+        timer.mark("quiesce")
         dp.block(rec.flow)
         m.advance(Event.BLOCK)
         timer.mark("block")
         try:
-            state = xo.tcp.capture(sock)
+            # TLS first: a refusal must come while the socket is still out of repair mode.
             tls = self.ctx.tls.capture(sock)
+            state = xo.tcp.capture(sock)
+        except xo.tls.TlsError as e:
+            dp.unblock(rec.flow)
+            m.advance(Event.FAILED)
+            raise OffloadRefused(offload_pb2.REFUSED, f"tls: {e}") from None
         except (xo.tcp.TcpError, OSError) as e:
             dp.unblock(rec.flow)
             m.advance(Event.FAILED)
@@ -283,11 +294,16 @@ class Owner:
         try:
             state = xo.tcp.TcpState.from_proto(req.tcp)
             sock = await self._restore_local(state, key.vip)
-            if req.HasField("tls"):
-                self.ctx.tls.install(sock, req.tls)
-        except (xo.tcp.TcpError, OSError, NotImplementedError, ValueError) as e:
+        except (xo.tcp.TcpError, OSError, ValueError) as e:
             self._keep_offloaded(rec, mac)
             return offload_pb2.EndReply(ok=False, detail=f"restore failed: {e}")
+        try:
+            if req.HasField("tls"):
+                self.ctx.tls.install(sock, req.tls)
+        except (xo.tls.TlsError, OSError, NotImplementedError, ValueError) as e:
+            xo.tcp.release(sock)  # silently: the target resumes serving the connection
+            self._keep_offloaded(rec, mac)
+            return offload_pb2.EndReply(ok=False, detail=f"tls install failed: {e}")
         timer.mark("restore")
         if deadline_passed():
             # The target stopped waiting and resumes serving: our copy must vanish silently.
@@ -313,7 +329,9 @@ class Owner:
         deadline = loop.time() + OLD_SOCKET_WAIT_S
         while True:
             try:
-                return xo.tcp.restore(state, local=vip)
+                # No window probe yet: the redirect still points at the target, so the
+                # client's answer would be lost; nudge() once the redirect is removed.
+                return xo.tcp.restore(state, local=vip, probe=False)
             except xo.tcp.AddressInUseError:
                 if loop.time() > deadline:
                     raise

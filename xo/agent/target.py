@@ -1,9 +1,10 @@
 """The target (backend) half of an agent: take a handed-in connection, give it back at End.
 
-Handoff: check the target is one of our handoff addresses -> egress SNAT (before the restore,
-whose window probe must already leave as VIP:vport or the client answers it with an RST) ->
-restore bound to target address:port -> reply with our MAC. The socket reaches the app only at
-Ready (the owner's redirect is in place), after a window probe so an idle client answers now;
+Handoff: check the target is one of our handoff addresses -> egress SNAT (before the restore:
+anything the socket sends must leave as VIP:vport) -> restore bound to target address:port,
+without a window probe -> install kTLS -> reply with our MAC. The socket reaches the app only
+at Ready (the owner's redirect is in place), after a window probe (nudge) so an idle client
+answers now;
 a Ready that never comes means the owner kept the flow: the copy is dropped silently.
 
 Give back: ESTABLISHED -> block, capture, End(DONE); the client closed (CLOSE_WAIT) -> finish
@@ -23,10 +24,11 @@ import grpc
 import grpc.aio
 
 import xo.tcp
+import xo.tls
 from xo import uapi
 from xo.agent import validate
 from xo.agent.config import Peer
-from xo.agent.context import Context, PhaseTimer, open_tcp_tuples, tcp_state_of
+from xo.agent.context import Context, PhaseTimer, open_tcp_tuples, quiesce, tcp_state_of
 from xo.agent.local import AppConn, NoApp
 from xo.agent.machine import Event, Machine, State, StateError
 from xo.agent.validate import ProtocolError
@@ -107,15 +109,22 @@ class Target:
             return _refuse(offload_pb2.INTERNAL, f"source rewrite failed: {e}")
         timer.mark("snat")
         try:
-            sock = xo.tcp.restore(state, local=target)
-            if req.HasField("tls"):
-                self.ctx.tls.install(sock, req.tls)
+            # No window probe here: the owner's redirect is not in place yet, the client's
+            # answer would be dropped (and it answers one per 500 ms). nudge() at Ready.
+            sock = xo.tcp.restore(state, local=target, probe=False)
         except xo.tcp.AddressInUseError as e:
             dp.remove(local)
             return _refuse(offload_pb2.REFUSED, f"restore: {e}")
-        except (xo.tcp.TcpError, OSError, NotImplementedError) as e:
+        except (xo.tcp.TcpError, OSError) as e:
             dp.remove(local)
             return _refuse(offload_pb2.INTERNAL, f"restore: {e}")
+        if req.HasField("tls"):
+            try:
+                self.ctx.tls.install(sock, req.tls)
+            except (xo.tls.TlsError, OSError, NotImplementedError, ValueError) as e:
+                xo.tcp.release(sock)  # silently: the owner keeps the connection
+                dp.remove(local)
+                return _refuse(offload_pb2.UNSUPPORTED, f"tls install: {e}")
         timer.mark("restore")
         rec.sock = sock
         rec.machine.advance(Event.RESTORED)
@@ -276,11 +285,24 @@ class Target:
                            app_state: bytes) -> tuple[bool, str]:
         timer = PhaseTimer()
         dp = self.ctx.dp
+        try:
+            await quiesce(self.ctx.tls, sock)
+        except xo.tls.TlsError as e:  # nothing happened yet: the app keeps serving
+            rec.machine.advance(Event.FAILED)
+            log.info("give back of %s refused: tls: %s", rec.flow, e)
+            return False, f"tls: {e}"
+        timer.mark("quiesce")
         dp.block(rec.local)
         timer.mark("block")
         try:
-            state = xo.tcp.capture(sock)
+            # TLS first: a refusal must come while the socket is still out of repair mode.
             tls = self.ctx.tls.capture(sock)
+            state = xo.tcp.capture(sock)
+        except xo.tls.TlsError as e:
+            dp.unblock(rec.local)
+            rec.machine.advance(Event.FAILED)
+            log.info("give back of %s refused: tls: %s", rec.flow, e)
+            return False, f"tls: {e}"
         except (xo.tcp.TcpError, OSError) as e:
             dp.unblock(rec.local)
             rec.machine.advance(Event.FAILED)
