@@ -39,7 +39,7 @@ class LabAgents:
     """One agent per frontend and backend of `lab`; files under `workdir`."""
 
     def __init__(self, lab: Lab, workdir: Path, handoff_timeout_ms: int = 1000,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, hw_rules: bool = False) -> None:
         self.lab = lab
         self.workdir = workdir
         self.verbose = verbose
@@ -64,6 +64,7 @@ class LabAgents:
                 local=LocalApi(workdir / f"{h.name}.sock", 0o600),
                 peers=tuple(Peer(p.name, f"{p.ip4}:{GRPC_PORT}", p.name) for p in peers),
                 handoff_timeout_ms=handoff_timeout_ms,
+                hw_rules=hw_rules,
             )
             path = workdir / f"{h.name}.toml"
             path.write_text(dumps(cfg))
