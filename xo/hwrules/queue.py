@@ -54,7 +54,7 @@ class QueueClosed(RuntimeError):
     """submit() after close()."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the work queue removes exactly this ticket
 class Ticket:
     """One flow's hardware rule as the queue tracks it."""
 
@@ -115,6 +115,9 @@ class HwRuleQueue:
             ticket = self._tickets.get(flow)
             if ticket is None:
                 raise KeyError(f"no hardware rule for flow {flow}")
+            if ticket.state in FINAL:  # failed earlier: nothing in the kernel, just forget it
+                del self._tickets[flow]
+                return ticket.state
             cancelled = ticket.state is RuleState.QUEUED
             if cancelled:
                 self._work.remove(("add", ticket))
@@ -123,7 +126,7 @@ class HwRuleQueue:
             elif ticket.state is RuleState.ISSUING:
                 ticket.ending = True  # the worker deletes it when the add returns
             elif ticket.state in INSTALLED:
-                ticket.state = RuleState.REMOVING
+                ticket.state, ticket.ending = RuleState.REMOVING, True
                 self._work.append(("delete", ticket))
                 self._cond.notify()
             state = ticket.state
@@ -134,16 +137,10 @@ class HwRuleQueue:
         return ticket.state if wait else state
 
     def state(self, flow: FlowKey) -> RuleState | None:
+        """The rule's state; None for no rule (never submitted, or its flow ended)."""
         with self._cond:
             ticket = self._tickets.get(flow)
             return ticket.state if ticket else None
-
-    def forget(self, flow: FlowKey) -> None:
-        """Drop a finished ticket (the agent calls this once the flow is gone)."""
-        with self._cond:
-            ticket = self._tickets.get(flow)
-            if ticket is not None and ticket.state in FINAL:
-                del self._tickets[flow]
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until no work is queued or in flight; False on timeout."""
@@ -163,7 +160,7 @@ class HwRuleQueue:
             if remove_installed:
                 for ticket in self._tickets.values():
                     if ticket.state in INSTALLED:
-                        ticket.state = RuleState.REMOVING
+                        ticket.state, ticket.ending = RuleState.REMOVING, True
                         self._work.append(("delete", ticket))
                     elif ticket.state is RuleState.ISSUING:
                         ticket.ending = True
@@ -242,7 +239,12 @@ class HwRuleQueue:
 
     # --- helpers ------------------------------------------------------------------------------
     def _finish(self, ticket: Ticket, state: RuleState, reason: str) -> None:
+        """Final state (under the lock). A flow that ended is forgotten; a failed one is kept
+        until end() so its state can be read."""
         ticket.state, ticket.reason = state, reason
+        ended = ticket.ending or state in (RuleState.CANCELLED, RuleState.REMOVED)
+        if ended and self._tickets.get(ticket.rule.flow) is ticket:
+            del self._tickets[ticket.rule.flow]
         ticket.done.set()
 
     def _next_handle(self) -> int:
