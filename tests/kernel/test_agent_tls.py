@@ -42,7 +42,11 @@ pytestmark = pytest.mark.kernel
 
 APP = "tls"
 BACK_LISTEN_PORT = 8443  # the backend app's own listener (unused by the test's client)
-WAIT_S = 0.2
+# Under TCG two agents compile their BCC programs at once: minutes, not the host's ~1 s.
+AGENT_START_S = 240.0
+TEST_TIMEOUT_S = 600
+CLIENT_TIMEOUT_S = 20.0
+LOG_LINES = 25
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +57,7 @@ def _needs_ktls(require_module: Callable[[str], None]) -> None:
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[tuple[Lab, LabAgents]]:
     with Lab(clients=1, frontends=1, backends=1) as lab:
-        agents = LabAgents(lab, tmp_path / "agents", verbose=True)
+        agents = LabAgents(lab, tmp_path / "agents", verbose=True, start_timeout=AGENT_START_S)
         agents.start()
         try:
             yield lab, agents
@@ -144,6 +148,16 @@ def backend(app: App) -> None:
     sock.close()
 
 
+def diagnose(apps: list[App], agents: LabAgents) -> str:
+    """What the apps and agents said, for a failure message."""
+    parts = [f"{a.host.name} app served {a.served}, error {a.error!r}" for a in apps]
+    for h in agents.hosts:
+        log = agents.log_path(h).read_text(errors="replace").splitlines()
+        parts.append(f"{h.name} agent log:\n" + "\n".join(log[-LOG_LINES:]))
+    return "\n".join(parts)
+
+
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_ktls_connection_moves_through_the_agents(env: tuple[Lab, LabAgents],
                                                   tmp_path: Path) -> None:
     lab, agents = env
@@ -158,20 +172,23 @@ def test_ktls_connection_moves_through_the_agents(env: tuple[Lab, LabAgents],
         a.start()
     ctx = ssl.create_default_context(cafile=str(files.ca))
     with c.enter():
-        raw = socket.create_connection((str(lab.vip4), PORT), timeout=IO_TIMEOUT_S)
-    with ctx.wrap_socket(raw, server_hostname=HOST) as tls:
-        reader = tls.makefile("rb")
+        raw = socket.create_connection((str(lab.vip4), PORT), timeout=CLIENT_TIMEOUT_S)
+    try:
+        with ctx.wrap_socket(raw, server_hostname=HOST) as tls:
+            reader = tls.makefile("rb")
 
-        def exact(n: int) -> bytes:
-            data = reader.read(n)
-            assert len(data) == n, "the connection ended early"
-            return data
+            def exact(n: int) -> bytes:
+                data = reader.read(n)
+                assert len(data) == n, "the connection ended early"
+                return data
 
-        for i in range(len(PLAN)):
-            tls.sendall(request(i))
-            assert read_response(exact) == body(i), f"response {i} differs"
-        reader.close()
-        tls.unwrap()  # close_notify both ways: the TLS session ended cleanly
+            for i in range(len(PLAN)):
+                tls.sendall(request(i))
+                assert read_response(exact) == body(i), f"response {i} differs"
+            reader.close()
+            tls.unwrap()  # close_notify both ways: the TLS session ended cleanly
+    except (OSError, AssertionError) as e:
+        raise AssertionError(f"client: {e!r}; {diagnose(apps, agents)}") from e
     for a in apps:
         a.finish()
     assert [i for i, who in enumerate(PLAN) if who == f.name] == apps[0].served

@@ -9,12 +9,12 @@ once and every rule fails without a syscall: flows keep working on eBPF, failure
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from xo.datapath import Datapath, Redirect
 from xo.flow import FlowKey
 from xo.hwrules import (
-    FINAL_STATES,
     HwRuleQueue,
     NetlinkTransport,
     QueueClosed,
@@ -33,7 +33,7 @@ class HwRules:
     def __init__(self, dp: Datapath, policy: SizePolicy, netns: str | None = None) -> None:
         self._dp = dp
         # The agent process already lives in its namespace (threads inherit it): netns=None.
-        self.queue = HwRuleQueue(NetlinkTransport(netns), policy, listener=self._changed)
+        self.queue = HwRuleQueue(NetlinkTransport(netns), policy)
 
     def submit(self, flow: FlowKey, redirect: Redirect, size: int | None = None) -> None:
         """Queue the flower twin of `redirect` (never blocks: the worker issues it)."""
@@ -45,13 +45,10 @@ class HwRules:
             log.warning("no hardware rule for %s: %s", flow, e)
 
     def cancel(self, flow: FlowKey) -> None:
-        """The flow ended: cancel its queued rule, or have the worker delete an issued one."""
-        try:
-            state = self.queue.end(flow)
-        except KeyError:
-            return  # the policy gave it no rule, or it already finished
-        if state in FINAL_STATES:
-            self.queue.forget(flow)
+        """The flow ended: cancel its queued rule, or have the worker delete an issued one
+        (the queue drops the ticket once final)."""
+        with contextlib.suppress(KeyError):  # the policy gave it no rule
+            self.queue.end(flow)
 
     def state(self, flow: FlowKey) -> RuleState | None:
         return self.queue.state(flow)
@@ -60,11 +57,6 @@ class HwRules:
         counts = self.queue.counts
         done = sum(counts[s] for s in ("in_hw", "in_sw", "failed", "cancelled"))
         return max(counts["queued"] - done, 0)
-
-    def _changed(self, flow: FlowKey, state: RuleState, reason: str) -> None:
-        """Worker thread: drop a ticket once its flow's rule is gone for good."""
-        if state in (RuleState.REMOVED, RuleState.CANCELLED):
-            self.queue.forget(flow)
 
     def close(self) -> None:
         """Stop the worker (queued rules cancelled, issued ones deleted); log what happened."""

@@ -39,10 +39,12 @@ class LabAgents:
     """One agent per frontend and backend of `lab`; files under `workdir`."""
 
     def __init__(self, lab: Lab, workdir: Path, handoff_timeout_ms: int = 1000,
-                 verbose: bool = False, hw_rules: bool = False) -> None:
+                 verbose: bool = False, hw_rules: bool = False,
+                 start_timeout: float = START_TIMEOUT_S) -> None:
         self.lab = lab
         self.workdir = workdir
         self.verbose = verbose
+        self.start_timeout = start_timeout  # the VM tier (TCG) compiles BCC programs slowly
         # False: a SIGTERM'd agent keeps its datapath and flows (restart/upgrade tests)
         self.detach_on_exit = True
         self.hosts = [*lab.frontends, *lab.backends]
@@ -100,7 +102,7 @@ class LabAgents:
         out = p.stdout
         if out is None:
             raise AgentStartError("agent stdout not captured")
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             ready, _, _ = select.select([out], [], [], 0.1)
             if ready:

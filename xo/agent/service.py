@@ -50,7 +50,8 @@ class OffloadService(offload_pb2_grpc.OffloadServicer):
     async def Handoff(self, request: offload_pb2.HandoffRequest,  # noqa: N802 (gRPC name)
                       context: grpc.aio.ServicerContext) -> offload_pb2.HandoffReply:
         peer = await self._peer(context)
-        log.debug("from %s: %s", peer.name, validate.describe(request))
+        if log.isEnabledFor(logging.DEBUG):  # describe() walks the message: not per call
+            log.debug("from %s: %s", peer.name, validate.describe(request))
         try:
             reply = self.target.handoff(peer, request)
             left = context.time_remaining()
@@ -77,7 +78,8 @@ class OffloadService(offload_pb2_grpc.OffloadServicer):
     async def End(self, request: offload_pb2.EndRequest,  # noqa: N802
                   context: grpc.aio.ServicerContext) -> offload_pb2.EndReply:
         peer = await self._peer(context)
-        log.debug("from %s: %s", peer.name, validate.describe(request))
+        if log.isEnabledFor(logging.DEBUG):  # describe() walks the message: not per call
+            log.debug("from %s: %s", peer.name, validate.describe(request))
         try:
             return await self.owner.end(peer, request, _deadline_passed(context))
         except ProtocolError as e:
