@@ -47,8 +47,14 @@ vng_args=(--run "$kernel" --disable-kvm --cpus "${XO_VM_CPUS:-2}" --memory "${XO
 # vng's --exec takes one shell string: quote every word.
 printf -v cmd '%q ' env "XO_NETDEVSIM_DIR=$netdevsim_dir" "XO_KERNEL_TIER=1" "${guest[@]}"
 # Never redirect vng straight to a file (QEMU reopens stdout and truncates it): pipe it.
+# vng (and QEMU under it) get a session of their own, so that stopping this script stops the
+# VM too instead of leaving it running.
+exec 3> >(cat)
+setsid vng "${vng_args[@]}" --exec "$cmd" >&3 2>&3 &
+vm=$!  # = vng's pid = its process group (setsid execs in place: no subshell in between)
+trap 'kill -TERM -- "-$vm" 2>/dev/null; wait "$vm"; exit 143' TERM INT HUP
 set +e
-vng "${vng_args[@]}" --exec "$cmd" 2>&1 | cat
-rc=${PIPESTATUS[0]}
+wait "$vm"
+rc=$?
 set -e
 exit "$rc"
