@@ -238,10 +238,15 @@ class StandInAgent:
     def _give_back(self, conn: _AppConn, gb: local_pb2.GiveBack, fd: int | None) -> None:
         owner = self._owners.get(gb.handoff_id)
         ok = False
+        detail = "owner not reachable"
+        try:
+            flow = self._flow(fd) if fd is not None else None
+        except OSError as e:  # the client reset it (e.g. wrk stopping): nothing to give back
+            flow, owner, detail = None, None, f"connection gone: {e.strerror}"
         if fd is not None and owner is not None:
             returned = local_pb2.Returned(
                 handoff_id=gb.handoff_id,
-                flow=self._flow(fd),
+                flow=flow,
                 reason=offload_pb2.DONE,
                 preread=gb.preread,
                 app_state=gb.app_state,
@@ -251,7 +256,7 @@ class StandInAgent:
             del self._owners[gb.handoff_id]
             self.returned += 1
         result = local_pb2.GiveBackResult(
-            handoff_id=gb.handoff_id, ok=ok, detail="" if ok else "owner not reachable"
+            handoff_id=gb.handoff_id, ok=ok, detail="" if ok else detail
         )
         self._send(conn, local_pb2.LocalMessage(give_back_result=result))
 

@@ -300,8 +300,14 @@ def test_wrk_persistent_connections_leave_no_leak(module_so: Path) -> None:
         assert len(short) <= WRK_CONNECTIONS
         out_rows = [r for r in site.front.access() if r["hs"] == "out"]
         assert len(out_rows) == len(back_rows) == sum(site.agent.handed_in.values())
+        # Every handed-in connection is given back, except those wrk reset when its time was
+        # up (at most one per wrk connection: the backend cannot give back a reset socket).
         # The stand-in counts a give-back after delivering it, a moment after the fds close.
-        wait_for("give-backs delivered", lambda: site.agent.returned, len(back_rows))
+        returned = -1
+        while returned != site.agent.returned:  # settled: no change for a second
+            returned = site.agent.returned
+            time.sleep(1)
+        assert len(back_rows) - WRK_CONNECTIONS <= returned <= len(back_rows)
 
 
 def test_hup_reload_mid_traffic_loses_nothing(module_so: Path) -> None:
