@@ -3,20 +3,25 @@ keep-alive client, a frontend capture, and a look into the agents' pinned flow m
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import http.client
 import os
+import queue
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from bcc.libbcc import lib as bcc_lib  # type: ignore[import-untyped]
 
 from xo.agent.labkit import LabAgents
+from xo.app import Connection, Server
 from xo.datapath.datapath import default_pin_dir
 from xo.datapath.layout import FlowKeyStruct
-from xo.httpapp import HTTP_PORT, body
+from xo.httpapp import HTTP_PORT, body, listener
 from xo.lab import Host, Lab
 
 ETH_P_ALL = 0x0003
@@ -201,3 +206,47 @@ def agent_warnings(agents: LabAgents, limit: int = 30) -> str:
             lines += [f"{h.name}: {ln}" for ln in path.read_text(errors="replace").splitlines()
                       if " WARNING " in ln or " ERROR " in ln or "Error" in ln]
     return "\n".join(lines[-limit:])
+
+
+@contextlib.contextmanager
+def lab_with_agents(
+    workdir: Path, backends: int = 2, prepare: Callable[[LabAgents], None] | None = None
+) -> Iterator[tuple[Lab, LabAgents]]:
+    """A lab (c0, f0, `backends` backends) with a running agent per host; `prepare` may
+    change the agents' configs or settings before they start."""
+    with Lab(clients=1, frontends=1, backends=backends) as lab:
+        agents = LabAgents(lab, workdir, verbose=True)
+        if prepare is not None:
+            prepare(agents)
+        agents.start()
+        try:
+            yield lab, agents
+        finally:
+            agents.stop()
+
+
+class Holder:
+    """A target app that keeps each handed-in connection until the test acts on it."""
+
+    def __init__(self, h: Host, agents: LabAgents, port: int = HTTP_PORT + 1) -> None:
+        self.server = Server(listener(h, str(h.ip4), port), agents.socket_path(h), "http")
+        self.got: queue.Queue[Connection] = queue.Queue()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            conn = self.server.accept(timeout=0.1)
+            if conn is not None:
+                self.got.put(conn)
+
+    def take(self) -> Connection:
+        return self.got.get(timeout=10)
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._t.join()
+        self.server.close()

@@ -15,6 +15,7 @@ from offload_kit import (
     RstSniffer,
     agent_warnings,
     delta,
+    lab_with_agents,
     pinned_flows,
     rst_counts,
     wait_settled,
@@ -34,13 +35,8 @@ ROUNDS = 3
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, LabAgents]]:
-    with Lab(clients=1, frontends=1, backends=2) as lab:
-        agents = LabAgents(lab, tmp_path_factory.mktemp("agents"), verbose=True)
-        agents.start()
-        try:
-            yield lab, agents
-        finally:
-            agents.stop()
+    with lab_with_agents(tmp_path_factory.mktemp("agents")) as env:
+        yield env
 
 
 @pytest.fixture(autouse=True)

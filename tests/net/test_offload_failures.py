@@ -9,7 +9,6 @@ bad targets and malformed messages answered with errors, the agent keeps serving
 
 from __future__ import annotations
 
-import queue
 import signal
 import socket
 import struct
@@ -19,7 +18,15 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from offload_kit import Client, delta, pinned_flows, rst_counts, wait_settled
+from offload_kit import (
+    Client,
+    Holder,
+    delta,
+    lab_with_agents,
+    pinned_flows,
+    rst_counts,
+    wait_settled,
+)
 
 import xo.tcp
 from xo.agent import framing
@@ -41,13 +48,8 @@ DEAD_HOST_NFT = (f"table inet {DEAD_HOST_TABLE} {{\n chain input {{\n"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, LabAgents]]:
-    with Lab(clients=1, frontends=1, backends=2) as lab:
-        agents = LabAgents(lab, tmp_path_factory.mktemp("agents"), verbose=True)
-        agents.start()
-        try:
-            yield lab, agents
-        finally:
-            agents.stop()
+    with lab_with_agents(tmp_path_factory.mktemp("agents")) as env:
+        yield env
 
 
 @pytest.fixture(autouse=True)
@@ -120,33 +122,6 @@ def test_target_crashing_before_reply(env: tuple[Lab, LabAgents]) -> None:
     got = served_locally_when(lab, agents, crash_during_handoff)
     agents.procs.pop("b1").wait()
     assert got == ["b0", "f0", "f0"]
-
-
-class Holder:
-    """A target app that keeps handed-in connections until the test decides."""
-
-    def __init__(self, h: Host, agents: LabAgents) -> None:
-        self.server = Server(listener(h, str(h.ip4), HTTP_PORT + 1), agents.socket_path(h), "http")
-        self.got: queue.Queue[Connection] = queue.Queue()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            conn = self.server.accept(timeout=0.1)
-            if conn is not None:
-                self.got.put(conn)
-
-    def take(self) -> Connection:
-        return self.got.get(timeout=10)
-
-    def close(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._t.join()
-        self.server.close()
 
 
 def offload_one(lab: Lab, agents: LabAgents,

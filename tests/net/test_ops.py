@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import queue
 import re
 import subprocess
 import sys
@@ -16,11 +15,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from offload_kit import Client, delta, pinned_flows, rst_counts, wait_settled
+from offload_kit import (
+    Client,
+    Holder,
+    delta,
+    lab_with_agents,
+    pinned_flows,
+    rst_counts,
+    wait_settled,
+)
 
 from xo.agent.config import dumps, load
 from xo.agent.labkit import HANDOFF_PORTS, LabAgents
-from xo.app import Connection, Kind, Server
+from xo.app import Kind, Server
 from xo.httpapp import HTTP_PORT, Frontend, body, lab_apps, listener, response
 from xo.lab import Host, Lab
 
@@ -29,21 +36,18 @@ pytestmark = pytest.mark.net
 SMALL = 1000
 LARGE = 400_000
 METRICS = "127.0.0.1:9464"  # loopback inside each agent's own namespace
-HOLDER_PORT = HTTP_PORT + 1
 ROUNDS = 3
+
+
+def _with_metrics(agents: LabAgents) -> None:
+    for path in agents.configs.values():
+        path.write_text(dumps(dataclasses.replace(load(path), metrics=METRICS)))
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, LabAgents]]:
-    with Lab(clients=1, frontends=1, backends=1) as lab:
-        agents = LabAgents(lab, tmp_path_factory.mktemp("agents"), verbose=True)
-        for path in agents.configs.values():
-            path.write_text(dumps(dataclasses.replace(load(path), metrics=METRICS)))
-        agents.start()
-        try:
-            yield lab, agents
-        finally:
-            agents.stop()
+    with lab_with_agents(tmp_path_factory.mktemp("agents"), 1, _with_metrics) as env:
+        yield env
 
 
 @pytest.fixture(autouse=True)
@@ -71,31 +75,6 @@ def scrape(h: Host) -> dict[str, float]:
             key, _, value = line.rpartition(" ")
             out[key] = float(value)
     return out
-
-
-class Holder:
-    """A target app that keeps each handed-in connection until the test acts on it."""
-
-    def __init__(self, h: Host, agents: LabAgents) -> None:
-        self.server = Server(listener(h, str(h.ip4), HOLDER_PORT), agents.socket_path(h), "http")
-        self.got: queue.Queue[Connection] = queue.Queue()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            conn = self.server.accept(timeout=0.1)
-            if conn is not None:
-                self.got.put(conn)
-
-    def take(self) -> Connection:
-        return self.got.get(timeout=10)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._t.join()
-        self.server.close()
 
 
 def test_status_json_matches_the_lab(env: tuple[Lab, LabAgents]) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from offload_kit import Client, delta, rst_counts, wait_settled
+from offload_kit import Client, delta, lab_with_agents, rst_counts, wait_settled
 
 from xo.agent.labkit import LabAgents
 from xo.app import AgentClient, Kind, Server
@@ -49,16 +49,15 @@ TCP_RST = 0x04
 # of the client's flow on either side by a capture at the client.
 
 
+def _keep_datapath(agents: LabAgents) -> None:
+    agents.detach_on_exit = False  # SIGTERM must keep the datapath, as in production
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, LabAgents]]:
-    with Lab(clients=1, frontends=1, backends=1) as lab:
-        agents = LabAgents(lab, tmp_path_factory.mktemp("agents"), verbose=True)
-        agents.detach_on_exit = False  # SIGTERM must keep the datapath, as in production
-        agents.start()
-        try:
-            yield lab, agents
-        finally:
-            agents.stop()  # the lab's teardown unpins the maps of its namespaces
+    # The lab's teardown unpins the maps of its namespaces.
+    with lab_with_agents(tmp_path_factory.mktemp("agents"), 1, _keep_datapath) as env:
+        yield env
 
 
 def status(agents: LabAgents, h: Host) -> dict[str, Any]:
