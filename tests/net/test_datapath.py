@@ -455,7 +455,6 @@ def test_live_connection_moves_frontend_to_backend(
     lab: Lab, dp_f: Datapath, dp_b: Datapath, family: int
 ) -> None:
     """BLOCK -> capture -> restore on b0:hport -> SNAT + REDIRECT; unmodified client."""
-    pytest.importorskip("xo.tcp")
     c, f, b = lab.clients[0], lab.frontends[0], lab.backends[0]
     vip = Endpoint(vip_of(lab, family), VPORT + 4)
     handoff = Endpoint(ip_of(b, family), HPORT + 4)
@@ -486,7 +485,6 @@ def test_live_connection_goes_to_backend_and_back(
     lab: Lab, dp_f: Datapath, dp_b: Datapath, family: int
 ) -> None:
     """F -> B -> F mid-stream: the return path blocks on the backend's ingress key."""
-    pytest.importorskip("xo.tcp")
     c, f, b = lab.clients[0], lab.frontends[0], lab.backends[0]
     vip = Endpoint(vip_of(lab, family), VPORT + 7)
     handoff = Endpoint(ip_of(b, family), HPORT + 7)
