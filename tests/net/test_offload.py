@@ -65,10 +65,11 @@ def test_one_keepalive_connection_alternates_frontend_and_backends(
         seen = cap.stop()
         assert wait_settled(lab) == {}
         after = rst_counts(c, f, *lab.backends)
+        rst_frames = sniff.stop()
     # frontend, backend 1, frontend, backend 2, ... on the same connection
     want = list(itertools.islice(itertools.cycle(["f0", "b0", "f0", "b1"]), 4 * ROUNDS))
     assert served == want
-    assert delta(before, after) == {}, "\n\n".join(sniff.stop())
+    assert delta(before, after) == {}, "\n\n".join(rst_frames)
     # The frontend's link carried its own small responses and none of the backends' bytes.
     assert b"X-Served-By: b" not in seen
     assert b"X-Served-By: f0" in seen
@@ -135,10 +136,11 @@ def test_200_concurrent_connections_with_handoffs(env: tuple[Lab, LabAgents]) ->
             t.join(120)
         assert wait_settled(lab) == {}, agent_warnings(agents)
         after = rst_counts(c, f, *lab.backends)
+        rst_frames = sniff.stop()
     assert errors == []
     assert len(served) == 3 * n
     offloaded = sum(1 for s in served if s.startswith("b"))
     assert offloaded == apps.frontend.stats.offloaded
     # Under load an offload may be refused (the app then serves locally): report, bound it.
     assert offloaded >= n, f"only {offloaded} of {2 * n} large requests were offloaded"
-    assert delta(before, after) == {}, "\n\n".join(sniff.stop())
+    assert delta(before, after) == {}, "\n\n".join(rst_frames)
