@@ -9,12 +9,15 @@ bad targets and malformed messages answered with errors, the agent keeps serving
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import signal
 import socket
 import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -30,6 +33,7 @@ from offload_kit import (
 
 import xo.tcp
 from xo.agent import framing
+from xo.agent.config import dumps, load
 from xo.agent.labkit import LabAgents
 from xo.app import Connection, Kind, Server
 from xo.httpapp import HTTP_PORT, Frontend, body, lab_apps, listener, response
@@ -324,3 +328,41 @@ def test_app_closing_without_give_back_ends_the_flow(env: tuple[Lab, LabAgents])
     finally:
         fe.stop()
         holder.close()
+
+
+def test_full_flow_table_refuses_the_offload_and_the_app_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The frontend's flow table holds one flow: while one connection is offloaded, a second
+    offload is refused at block time with a reason, served locally, and nothing is lost."""
+
+    def one_flow_on_f0(agents: LabAgents) -> None:
+        path = agents.configs["f0"]
+        path.write_text(dumps(dataclasses.replace(load(path), max_flows=1)))
+
+    with lab_with_agents(tmp_path, prepare=one_flow_on_f0) as (lab, agents):
+        c, f, b0 = lab.clients[0], lab.frontends[0], lab.backends[0]
+        holder = Holder(b0, agents)
+        fe, first, conn = offload_one(lab, agents, holder)
+        before = rst_counts(c, f, b0)
+        try:
+            assert pinned_flows(f) == 1
+            second = Client(c, str(lab.vip4))
+            with caplog.at_level(logging.WARNING, logger="xo.httpapp"):
+                assert second.get(LARGE)[0] == "f0"  # get() checks every body byte
+            second.close()
+            assert fe.stats.refused == 1
+            assert any("flow table" in r.getMessage() and "full" in r.getMessage()
+                       for r in caplog.records), [r.getMessage() for r in caplog.records]
+            assert conn.sock is not None
+            conn.sock.sendall(response(LARGE, "b0", True))
+            assert first.conn.getresponse().read() == body(LARGE)
+            holder.server.give_back(conn.sock, conn.handoff_id)
+            conn.sock.close()
+            assert first.get(SMALL)[0] == "f0"  # back on the frontend, same connection
+            first.close()
+            assert wait_settled(lab) == {}
+            assert delta(before, rst_counts(c, f, b0)) == {}
+        finally:
+            fe.stop()
+            holder.close()

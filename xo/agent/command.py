@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         # Before any thread exists: gRPC's threads and every socket we create inherit it.
         with netns_entered(cfg.netns) if cfg.netns else contextlib.nullcontext():
-            dp = Datapath.attach(cfg.interface, netns=cfg.netns, pin_dir=cfg.pin_dir)
+            dp = Datapath.attach(cfg.interface, netns=cfg.netns, pin_dir=cfg.pin_dir,
+                                 max_flows=cfg.max_flows)
             try:
                 asyncio.run(serve(cfg, dp, args.timings))
             finally:

@@ -12,6 +12,7 @@ silently disable a setting):
     handoff_timeout_ms = 1000        # optional: owner gives up on a Handoff reply after this
     metrics = "127.0.0.1:9464"       # optional: Prometheus endpoint (default off; loopback!)
     hw_rules = false                 # optional: mirror redirects as TC flower rules (NIC tier)
+    max_flows = 65536                # optional: flow table entries (new offloads refused when full)
 
     [handoff]                        # where restored (handed-in) sockets bind on this host
     addresses = ["198.18.0.3"]
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xo.datapath.program import DEFAULT_MAX_FLOWS
 from xo.flow import Endpoint, FlowError, IPAddress
 from xo.pki import TlsFiles
 
@@ -99,6 +101,7 @@ class AgentConfig:
     handoff_timeout_ms: int = DEFAULT_HANDOFF_TIMEOUT_MS
     metrics: str | None = None  # ADDR:PORT of GET /metrics; None: no endpoint
     hw_rules: bool = False  # queue a TC flower twin of each redirect (xo.agent.hwqueue)
+    max_flows: int = DEFAULT_MAX_FLOWS  # eBPF flow table size (fixed when the maps are pinned)
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
@@ -227,6 +230,7 @@ def parse(data: dict[str, Any], base: Path) -> AgentConfig:
             else None
         ),
         hw_rules=_take(data, "hw_rules", bool, "config", False),
+        max_flows=_take(data, "max_flows", int, "config", DEFAULT_MAX_FLOWS),
         handoff=_handoff(dict(_take(data, "handoff", dict, "config"))),
         tls=_tls(dict(_take(data, "tls", dict, "config")), base),
         local=_local(dict(_take(data, "local", dict, "config")), base),
@@ -235,6 +239,8 @@ def parse(data: dict[str, Any], base: Path) -> AgentConfig:
     _no_extra(data, "config")
     if cfg.handoff_timeout_ms <= 0:
         raise ConfigError("config.handoff_timeout_ms: must be positive")
+    if cfg.max_flows < 1:
+        raise ConfigError("config.max_flows: must be positive")
     if cfg.peer(cfg.name):
         raise ConfigError(f"peers: {cfg.name!r} lists itself")
     return cfg
@@ -277,6 +283,8 @@ def dumps(cfg: AgentConfig) -> str:
         top["metrics"] = cfg.metrics
     if cfg.hw_rules:
         top["hw_rules"] = True
+    if cfg.max_flows != DEFAULT_MAX_FLOWS:
+        top["max_flows"] = cfg.max_flows
     lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
     addrs = _toml_value([str(a) for a in cfg.handoff.addresses])
     lines += ["", "[handoff]", f"addresses = {addrs}",

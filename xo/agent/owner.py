@@ -148,7 +148,10 @@ class Owner:
         except xo.tls.TlsError as e:  # nothing happened yet: the app keeps serving
             raise OffloadRefused(offload_pb2.REFUSED, f"tls: {e}") from None
         timer.mark("quiesce")
-        dp.block(rec.flow)
+        try:
+            dp.block(rec.flow)
+        except DatapathError as e:  # e.g. the flow table is full: the app keeps serving
+            raise OffloadRefused(offload_pb2.REFUSED, f"block failed: {e}") from None
         m.advance(Event.BLOCK)
         timer.mark("block")
         try:
