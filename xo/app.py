@@ -33,6 +33,7 @@ from xo.flow import FlowKey
 from xo.v1 import local_pb2
 
 DEFAULT_TIMEOUT = 5.0
+MAX_EXPECTED_BYTES = (1 << 64) - 1  # OffloadRequest.expected_bytes is a uint64
 
 
 class AgentError(ConnectionError):
@@ -166,11 +167,19 @@ class AgentClient:
             box.put(f)
 
     def offload(self, sock: socket.socket, target: str, preread: bytes = b"",
-                app_state: bytes = b"", app: str = "") -> OffloadOutcome:
-        """Ask the agent to move `sock` to `target`; on acceptance close `sock` yourself."""
+                app_state: bytes = b"", app: str = "",
+                expected_bytes: int | None = None) -> OffloadOutcome:
+        """Ask the agent to move `sock` to `target`; on acceptance close `sock` yourself.
+
+        `expected_bytes`: what the target will send the client (None: unknown); the agent's
+        policy gives only large transfers a hardware rule.
+        """
+        if expected_bytes is not None and not 0 <= expected_bytes <= MAX_EXPECTED_BYTES:
+            raise ValueError(f"expected_bytes must be a uint64, got {expected_bytes}")
         rid = next(self._ids)
         msg = local_pb2.LocalMessage(offload=local_pb2.OffloadRequest(
-            request_id=rid, target=target, preread=preread, app_state=app_state, app=app))
+            request_id=rid, target=target, preread=preread, app_state=app_state, app=app,
+            expected_bytes=expected_bytes))
         r = self._call(msg, sock.fileno(), ("offload_result", str(rid))).msg.offload_result
         return OffloadOutcome(r.accepted, r.handoff_id, r.reason, r.detail)
 
@@ -257,8 +266,9 @@ class Server:
                 return Connection(Kind.FRESH, sock)
 
     def offload(self, sock: socket.socket, target: str, preread: bytes = b"",
-                app_state: bytes = b"", app: str = "") -> OffloadOutcome:
-        return self.agent.offload(sock, target, preread, app_state, app)
+                app_state: bytes = b"", app: str = "",
+                expected_bytes: int | None = None) -> OffloadOutcome:
+        return self.agent.offload(sock, target, preread, app_state, app, expected_bytes)
 
     def give_back(self, sock: socket.socket, handoff_id: str, preread: bytes = b"",
                   app_state: bytes = b"") -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from xo.agent import config
+from xo.hwrules import SizePolicy
+from xo.hwrules.policy import MIB
 
 GOOD = """
 name = "b0"
@@ -70,11 +72,37 @@ def test_dumps_round_trips(tmp_path: Path) -> None:
         (lambda t: t.replace('"198.18.0.3"]', '"not-an-ip"]'), "handoff.addresses"),
         (lambda t: t.replace('name = "f0"', 'name = "b0"'), "lists itself"),
         (lambda t: t.replace("[handoff]", "[handoff\n"), "agent.toml"),
+        (lambda t: "hw_rules_min_bytes = -1\n" + t, "config.hw_rules_min_bytes: must be >= 0"),
+        (lambda t: 'hw_rules_min_bytes = "2M"\n' + t,
+         "config.hw_rules_min_bytes: expected int, got str"),
+        (lambda t: "hw_rules_min_bytes = true\n" + t,
+         "config.hw_rules_min_bytes: expected int, got bool"),
+        (lambda t: "hw_rules_unknown_size = 1\n" + t,
+         "config.hw_rules_unknown_size: expected bool, got int"),
     ],
 )
 def test_refuses_malformed(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(config.ConfigError, match=re.escape(message)):
         config.load(write(tmp_path, edit(GOOD)))
+
+
+def test_hw_rule_policy_defaults_to_seed_003(tmp_path: Path) -> None:
+    """2 MiB and more get a NIC rule, as in seed 003; offloads of unknown size get one too."""
+    cfg = config.load(write(tmp_path, GOOD))
+    assert (cfg.hw_rules_min_bytes, cfg.hw_rules_unknown_size) == (2 * MIB, True)
+    policy = cfg.hw_policy()
+    assert policy == SizePolicy(threshold=2 * MIB, unknown_size=True)
+    assert not policy.wants(2 * MIB - 1) and policy.wants(2 * MIB) and policy.wants(None)
+    assert "hw_rules_min_bytes" not in config.dumps(cfg)  # defaults stay implicit
+
+
+def test_hw_rule_policy_from_the_config(tmp_path: Path) -> None:
+    text = "hw_rules = true\nhw_rules_min_bytes = 65536\nhw_rules_unknown_size = false\n" + GOOD
+    cfg = config.load(write(tmp_path, text))
+    assert cfg.hw_rules and cfg.hw_policy() == SizePolicy(threshold=65536, unknown_size=False)
+    assert not cfg.hw_policy().wants(None) and cfg.hw_policy().wants(65536)
+    again = config.load(write(tmp_path, config.dumps(cfg)))
+    assert again == cfg  # dumps() writes the non-default keys back
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:

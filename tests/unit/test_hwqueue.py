@@ -185,13 +185,42 @@ def test_one_rule_rejected_does_not_disable_the_queue(transport) -> None:
 
 
 def test_policy_skips_small_and_unknown_sizes(queue: HwRuleQueue, transport) -> None:
-    assert queue.submit(rule(1), size=BIG - 1) is None
-    assert queue.submit(rule(2), size=None) is None
-    assert queue.submit(rule(3), size=2 * MIB) is not None
-    assert queue.counts["skipped"] == 2
-    assert SizePolicy(unknown_size=True).wants(None)
+    small, unknown = queue.submit(rule(1), size=BIG - 1), queue.submit(rule(2), size=None)
+    big = queue.submit(rule(3), size=2 * MIB)
+    assert queue.drain(WAIT_S)
+    assert (small.state, unknown.state, big.state) == (
+        RuleState.SKIPPED, RuleState.SKIPPED, RuleState.IN_HW)
+    assert small.reason == f"{BIG - 1} bytes < threshold {BIG}"
+    assert "unknown" in unknown.reason
+    assert [op for op, _ in transport.calls] == ["add"]  # skipped flows never reach the kernel
+    assert queue.counts["skipped"] == 2 and queue.counts["queued"] == 1
+    # `xo status` reads the skip until the flow ends; then the flow is forgotten
+    assert queue.state(flow(1)) is RuleState.SKIPPED
+    assert queue.end(flow(1)) is RuleState.SKIPPED
+    assert queue.state(flow(1)) is None
+    # a later offload of the same 4-tuple (the flow came back and left again) is judged anew
+    again = queue.submit(rule(2), size=BIG)
+    assert queue.drain(WAIT_S) and again.state is RuleState.IN_HW
+
+
+@pytest.mark.parametrize(("policy", "size", "wanted"), [
+    (SizePolicy(), DEFAULT_THRESHOLD, True),
+    (SizePolicy(), DEFAULT_THRESHOLD - 1, False),
+    (SizePolicy(), 0, False),
+    (SizePolicy(), None, False),
+    (SizePolicy(unknown_size=True), None, True),
+    (SizePolicy(threshold=0), 0, True),
+    (SizePolicy(threshold=0, unknown_size=False), None, False),
+])
+def test_size_policy(policy: SizePolicy, size: int | None, wanted: bool) -> None:
+    assert policy.wants(size) is wanted
+
+
+def test_size_policy_refuses_negative_numbers() -> None:
     with pytest.raises(ValueError, match="size threshold"):
         SizePolicy(threshold=-1)
+    with pytest.raises(ValueError, match="transfer size"):
+        SizePolicy().wants(-1)
 
 
 def test_duplicate_and_unknown_flows_raise(queue: HwRuleQueue) -> None:

@@ -12,6 +12,8 @@ silently disable a setting):
     handoff_timeout_ms = 1000        # optional: owner gives up on a Handoff reply after this
     metrics = "127.0.0.1:9464"       # optional: Prometheus endpoint (default off; loopback!)
     hw_rules = false                 # optional: mirror redirects as TC flower rules (NIC tier)
+    hw_rules_min_bytes = 2097152     # optional: only transfers this big get one (seed 003: 2 MiB)
+    hw_rules_unknown_size = true     # optional: and offloads whose app announced no size
     max_flows = 65536                # optional: flow table entries (new offloads refused when full)
 
     [handoff]                        # where restored (handed-in) sockets bind on this host
@@ -46,11 +48,16 @@ from typing import Any
 
 from xo.datapath.program import DEFAULT_MAX_FLOWS
 from xo.flow import Endpoint, FlowError, IPAddress
+from xo.hwrules.policy import DEFAULT_THRESHOLD, SizePolicy
 from xo.pki import TlsFiles
 
 DEFAULT_SOCKET_MODE = 0o660
 # A Handoff is a few hundred µs on a LAN; a second means the target is gone or overloaded.
 DEFAULT_HANDOFF_TIMEOUT_MS = 1000
+# An app that offloads without announcing a size (nginx, a streaming app) did so because it
+# judged the transfer worth a handoff, which costs more than a queued flower insert: give it a
+# rule. The queue cancels it for free if the flow ends before the rule is issued.
+DEFAULT_HW_RULES_UNKNOWN_SIZE = True
 MIN_PORT = 1
 MAX_PORT = 65535
 
@@ -101,10 +108,18 @@ class AgentConfig:
     handoff_timeout_ms: int = DEFAULT_HANDOFF_TIMEOUT_MS
     metrics: str | None = None  # ADDR:PORT of GET /metrics; None: no endpoint
     hw_rules: bool = False  # queue a TC flower twin of each redirect (xo.agent.hwqueue)
+    # ... for transfers of at least this many bytes (xo.hwrules.SizePolicy) ...
+    hw_rules_min_bytes: int = DEFAULT_THRESHOLD
+    # ... and for offloads whose app announced no size
+    hw_rules_unknown_size: bool = DEFAULT_HW_RULES_UNKNOWN_SIZE
     max_flows: int = DEFAULT_MAX_FLOWS  # eBPF flow table size (fixed when the maps are pinned)
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
+
+    def hw_policy(self) -> SizePolicy:
+        """Which offloaded flows get a hardware rule (from the size their app announced)."""
+        return SizePolicy(self.hw_rules_min_bytes, self.hw_rules_unknown_size)
 
     def peer_by_identity(self, identity: str) -> Peer | None:
         return next((p for p in self.peers if p.identity == identity), None)
@@ -230,6 +245,9 @@ def parse(data: dict[str, Any], base: Path) -> AgentConfig:
             else None
         ),
         hw_rules=_take(data, "hw_rules", bool, "config", False),
+        hw_rules_min_bytes=_take(data, "hw_rules_min_bytes", int, "config", DEFAULT_THRESHOLD),
+        hw_rules_unknown_size=_take(data, "hw_rules_unknown_size", bool, "config",
+                                    DEFAULT_HW_RULES_UNKNOWN_SIZE),
         max_flows=_take(data, "max_flows", int, "config", DEFAULT_MAX_FLOWS),
         handoff=_handoff(dict(_take(data, "handoff", dict, "config"))),
         tls=_tls(dict(_take(data, "tls", dict, "config")), base),
@@ -241,6 +259,8 @@ def parse(data: dict[str, Any], base: Path) -> AgentConfig:
         raise ConfigError("config.handoff_timeout_ms: must be positive")
     if cfg.max_flows < 1:
         raise ConfigError("config.max_flows: must be positive")
+    if cfg.hw_rules_min_bytes < 0:
+        raise ConfigError("config.hw_rules_min_bytes: must be >= 0 (0: every sized transfer)")
     if cfg.peer(cfg.name):
         raise ConfigError(f"peers: {cfg.name!r} lists itself")
     return cfg
@@ -283,6 +303,10 @@ def dumps(cfg: AgentConfig) -> str:
         top["metrics"] = cfg.metrics
     if cfg.hw_rules:
         top["hw_rules"] = True
+    if cfg.hw_rules_min_bytes != DEFAULT_THRESHOLD:
+        top["hw_rules_min_bytes"] = cfg.hw_rules_min_bytes
+    if cfg.hw_rules_unknown_size != DEFAULT_HW_RULES_UNKNOWN_SIZE:
+        top["hw_rules_unknown_size"] = cfg.hw_rules_unknown_size
     if cfg.max_flows != DEFAULT_MAX_FLOWS:
         top["max_flows"] = cfg.max_flows
     lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]

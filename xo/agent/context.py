@@ -34,9 +34,10 @@ log = logging.getLogger("xo.agent")
 
 
 class RuleQueue(Protocol):
-    """The hardware tier: mirror an eBPF redirect as a NIC rule, asynchronously."""
+    """The hardware tier: mirror an eBPF redirect as a NIC rule, asynchronously; `size` is
+    the transfer the app expects (None: unknown) for the size policy."""
 
-    def submit(self, flow: FlowKey, redirect: Redirect) -> None: ...
+    def submit(self, flow: FlowKey, redirect: Redirect, size: int | None = None) -> None: ...
 
     def cancel(self, flow: FlowKey) -> None: ...
 
@@ -44,7 +45,7 @@ class RuleQueue(Protocol):
 class NoRuleQueue:
     """No hardware tier: the eBPF redirect serves every flow."""
 
-    def submit(self, flow: FlowKey, redirect: Redirect) -> None:
+    def submit(self, flow: FlowKey, redirect: Redirect, size: int | None = None) -> None:
         return None
 
     def cancel(self, flow: FlowKey) -> None:

@@ -26,7 +26,6 @@ from xo.agent.owner import Owner
 from xo.agent.status import Sources
 from xo.agent.target import Target
 from xo.datapath import Datapath
-from xo.hwrules import SizePolicy
 from xo.tls.hooks import KernelTls
 from xo.v1 import local_pb2, offload_pb2_grpc
 
@@ -76,8 +75,7 @@ class Agent:
     def _rules(self) -> RuleQueue:
         if not self.cfg.hw_rules:
             return NoRuleQueue()
-        # No per-flow size hint reaches the agent yet: every offloaded flow gets a rule.
-        return HwRules(self.dp, SizePolicy(threshold=0, unknown_size=True))
+        return HwRules(self.dp, self.cfg.hw_policy())
 
     async def _on_frame(self, conn: AppConn, frame: Frame) -> None:
         ctx, owner, target = self.ctx, self.owner, self.target

@@ -5,6 +5,10 @@ serves the flow from that moment and stays authoritative); the queue's worker th
 off the event loop. When the flow ends the rule is cancelled while still queued, or deleted
 once an in-flight add returns. Where the kernel or NIC takes no flower rules the queue says so
 once and every rule fails without a syscall: flows keep working on eBPF, failures are counted.
+
+Which flows get a rule is the SizePolicy's call, from the transfer size the app announced with
+its offload (hw_rules_min_bytes, hw_rules_unknown_size in the config): a flow it skips shows
+`skipped` as its hardware state in `xo status` until it ends.
 """
 
 from __future__ import annotations
@@ -36,18 +40,22 @@ class HwRules:
         self.queue = HwRuleQueue(NetlinkTransport(netns), policy)
 
     def submit(self, flow: FlowKey, redirect: Redirect, size: int | None = None) -> None:
-        """Queue the flower twin of `redirect` (never blocks: the worker issues it)."""
+        """Queue the flower twin of `redirect` if the policy wants one for a transfer of
+        `size` bytes (None: unknown). Never blocks: the worker issues it."""
         try:
-            self.queue.submit(redirect_rule(flow, redirect, self._dp.ifindex, self._dp.mac),
-                              size=size)
+            ticket = self.queue.submit(
+                redirect_rule(flow, redirect, self._dp.ifindex, self._dp.mac), size=size)
         except (ValueError, TypeError, QueueClosed) as e:
             # The flow is redirected by eBPF already; a missing hardware rule costs nothing else.
             log.warning("no hardware rule for %s: %s", flow, e)
+            return
+        if ticket.state is RuleState.SKIPPED:
+            log.debug("no hardware rule for %s by policy: %s", flow, ticket.reason)
 
     def cancel(self, flow: FlowKey) -> None:
         """The flow ended: cancel its queued rule, or have the worker delete an issued one
         (the queue drops the ticket once final)."""
-        with contextlib.suppress(KeyError):  # the policy gave it no rule
+        with contextlib.suppress(KeyError):  # no ticket, e.g. a flow adopted after a restart
             self.queue.end(flow)
 
     def state(self, flow: FlowKey) -> RuleState | None:

@@ -70,6 +70,12 @@ async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
         loop.remove_writer(sock.fileno())
 
 
+def expected_bytes(req: local_pb2.OffloadRequest) -> int | None:
+    """The transfer size the app announced for an offload; None when it did not say
+    (proto3 `optional`: a sent 0 is a known empty transfer, not "unknown")."""
+    return req.expected_bytes if req.HasField("expected_bytes") else None
+
+
 # handler(conn, frame): acts on one frame; it may take frame.fd (take_fd), else it is closed.
 Handler = Callable[[AppConn, framing.Frame], Awaitable[None]]
 

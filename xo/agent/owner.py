@@ -31,7 +31,7 @@ from xo.agent import validate
 from xo.agent.config import Peer
 from xo.agent.context import Context, PhaseTimer, quiesce
 from xo.agent.liveness import host_alive
-from xo.agent.local import AppConn, NoApp
+from xo.agent.local import AppConn, NoApp, expected_bytes
 from xo.agent.machine import Event, Machine, State, StateError
 from xo.agent.validate import ProtocolError
 from xo.datapath import Action, DatapathError, Direction, Redirect
@@ -191,7 +191,7 @@ class Owner:
             self._keep_local(sock, rec)
             raise OffloadRefused(offload_pb2.INTERNAL, f"redirect failed: {e}") from None
         timer.mark("redirect")
-        self.ctx.rules.submit(rec.flow, redirect)
+        self.ctx.rules.submit(rec.flow, redirect, expected_bytes(req))
         m.advance(Event.ACCEPTED)
         xo.tcp.release(sock)
         timer.mark("release")

@@ -32,3 +32,9 @@ class SizePolicy:
         if size < 0:
             raise ValueError(f"transfer size must be >= 0, got {size}")
         return size >= self.threshold
+
+    def why_not(self, size: int | None) -> str:
+        """Why a flow of `size` gets no rule (for `xo status` and logs)."""
+        if size is None:
+            return "size unknown and unknown sizes get no rule"
+        return f"{size} bytes < threshold {self.threshold}"

@@ -6,6 +6,7 @@ costs microseconds. So the agent puts the eBPF rule in first, then `submit()`s t
 flower rule here and moves on. A worker thread issues requests one at a time, in order:
 
     queued -> issuing -> in_hw | in_sw | failed          (end while queued -> cancelled)
+    skipped                                              (the size policy gave it no rule)
     in_hw | in_sw -> removing -> removed                 (end after the rule is in)
     issuing + end -> (the add completes) -> removing -> removed
 
@@ -44,9 +45,10 @@ class RuleState(enum.Enum):
     CANCELLED = "cancelled"
     REMOVING = "removing"
     REMOVED = "removed"
+    SKIPPED = "skipped"  # never queued: the SizePolicy wants no rule for this flow's size
 
 
-FINAL = frozenset({RuleState.FAILED, RuleState.CANCELLED, RuleState.REMOVED})
+FINAL = frozenset({RuleState.FAILED, RuleState.CANCELLED, RuleState.REMOVED, RuleState.SKIPPED})
 INSTALLED = {RuleState.IN_HW, RuleState.IN_SW}
 
 
@@ -87,11 +89,13 @@ class HwRuleQueue:
         self._worker.start()
 
     # --- the agent's side -----------------------------------------------------------------
-    def submit(self, rule: FlowerRule, size: int | None = None) -> Ticket | None:
-        """Queue the flow's rule if the policy wants it (None if not). One rule per flow."""
-        if not self.policy.wants(size):
-            self.counts["skipped"] += 1
-            return None
+    def submit(self, rule: FlowerRule, size: int | None = None) -> Ticket:
+        """Queue the flow's rule if the policy wants it for `size` bytes (None: unknown).
+
+        One rule per flow. A flow the policy skips gets a final SKIPPED ticket (its reason
+        says why) that is kept, like a failed one, until end() so its state can be read.
+        """
+        wanted = self.policy.wants(size)
         with self._cond:
             if self._closing:
                 raise QueueClosed("the hardware rule queue is closed")
@@ -99,6 +103,12 @@ class HwRuleQueue:
             if old is not None and old.state not in FINAL:
                 raise ValueError(
                     f"flow {rule.flow} already has a hardware rule ({old.state.value})")
+            if not wanted:
+                ticket = Ticket(rule, RuleState.SKIPPED, self.policy.why_not(size))
+                ticket.done.set()
+                self._tickets[rule.flow] = ticket
+                self.counts["skipped"] += 1
+                return ticket
             ticket = Ticket(rule.with_handle(self._next_handle()))
             self._tickets[rule.flow] = ticket
             self.counts["queued"] += 1
@@ -115,7 +125,7 @@ class HwRuleQueue:
             ticket = self._tickets.get(flow)
             if ticket is None:
                 raise KeyError(f"no hardware rule for flow {flow}")
-            if ticket.state in FINAL:  # failed earlier: nothing in the kernel, just forget it
+            if ticket.state in FINAL:  # failed or skipped: nothing in the kernel, just forget it
                 del self._tickets[flow]
                 return ticket.state
             cancelled = ticket.state is RuleState.QUEUED
@@ -137,7 +147,7 @@ class HwRuleQueue:
         return ticket.state if wait else state
 
     def state(self, flow: FlowKey) -> RuleState | None:
-        """The rule's state; None for no rule (never submitted, or its flow ended)."""
+        """The rule's state (SKIPPED: no rule by policy); None if never submitted or ended."""
         with self._cond:
             ticket = self._tickets.get(flow)
             return ticket.state if ticket else None

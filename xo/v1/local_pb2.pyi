@@ -28,18 +28,20 @@ class HelloReply(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., detail: _Optional[str] = ..., agent: _Optional[str] = ..., ktls: _Optional[bool] = ...) -> None: ...
 
 class OffloadRequest(_message.Message):
-    __slots__ = ("request_id", "target", "preread", "app_state", "app")
+    __slots__ = ("request_id", "target", "preread", "app_state", "app", "expected_bytes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     PREREAD_FIELD_NUMBER: _ClassVar[int]
     APP_STATE_FIELD_NUMBER: _ClassVar[int]
     APP_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_BYTES_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     target: str
     preread: bytes
     app_state: bytes
     app: str
-    def __init__(self, request_id: _Optional[int] = ..., target: _Optional[str] = ..., preread: _Optional[bytes] = ..., app_state: _Optional[bytes] = ..., app: _Optional[str] = ...) -> None: ...
+    expected_bytes: int
+    def __init__(self, request_id: _Optional[int] = ..., target: _Optional[str] = ..., preread: _Optional[bytes] = ..., app_state: _Optional[bytes] = ..., app: _Optional[str] = ..., expected_bytes: _Optional[int] = ...) -> None: ...
 
 class OffloadResult(_message.Message):
     __slots__ = ("request_id", "accepted", "handoff_id", "reason", "detail")
