@@ -8,7 +8,7 @@
 #include <string.h>
 
 enum { WIRE_VARINT = 0, WIRE_I64 = 1, WIRE_LEN = 2, WIRE_I32 = 5 };
-enum { KIND_U64, KIND_U32, KIND_BOOL, KIND_BYTES, KIND_FLOW };
+enum { KIND_U64, KIND_U32, KIND_BOOL, KIND_BYTES, KIND_FLOW, KIND_OPT_U64 };
 enum { FLOW_CLIENT = 1, FLOW_VIP = 2, ENDPOINT_ADDR = 1, ENDPOINT_PORT = 2 };
 #define VARINT_MAX_BYTES 10
 #define VARINT_PAYLOAD_BITS 7
@@ -32,7 +32,8 @@ static const field_t hello_reply[] = {
     F(4, KIND_BOOL, ktls), END };
 static const field_t offload[] = {
     F(1, KIND_U64, request_id), F(2, KIND_BYTES, target), F(3, KIND_BYTES, preread),
-    F(4, KIND_BYTES, app_state), F(5, KIND_BYTES, app), END };
+    F(4, KIND_BYTES, app_state), F(5, KIND_BYTES, app), F(6, KIND_OPT_U64, expected_bytes),
+    END };
 static const field_t offload_result[] = {
     F(1, KIND_U64, request_id), F(2, KIND_BOOL, flag), F(3, KIND_BYTES, handoff_id),
     F(4, KIND_U32, reason), F(5, KIND_BYTES, detail), END };
@@ -121,6 +122,11 @@ static size_t body_size(const xo_local_msg_t *msg)
         case KIND_BOOL:
             n += *(const int *) (base + f->off) ? 2 : 0;
             break;
+        case KIND_OPT_U64: {
+            const xo_opt_u64_t *o = (const xo_opt_u64_t *) (base + f->off);
+            n += o->set ? 1 + varint_size(o->value) : 0;
+            break;
+        }
         case KIND_BYTES: {
             const xo_bytes_t *b = (const xo_bytes_t *) (base + f->off);
             n += b->len ? len_field_size(b->len) : 0;
@@ -231,6 +237,13 @@ long xo_local_encode(const xo_local_msg_t *msg, uint8_t *out, size_t cap)
                 p = put_varint(put_tag(p, f->num, WIRE_VARINT), 1);
             }
             break;
+        case KIND_OPT_U64: {
+            const xo_opt_u64_t *o = (const xo_opt_u64_t *) (base + f->off);
+            if (o->set) { /* present even when 0: a known empty transfer */
+                p = put_varint(put_tag(p, f->num, WIRE_VARINT), o->value);
+            }
+            break;
+        }
         case KIND_BYTES: {
             const xo_bytes_t *b = (const xo_bytes_t *) (base + f->off);
             if (b->len) {
@@ -421,6 +434,10 @@ static int decode_field(reader_t *r, const field_t *f, unsigned wire, xo_local_m
         break;
     case KIND_U32:
         *(uint32_t *) (base + f->off) = (uint32_t) v;
+        break;
+    case KIND_OPT_U64:
+        ((xo_opt_u64_t *) (base + f->off))->set = 1;
+        ((xo_opt_u64_t *) (base + f->off))->value = v;
         break;
     default:
         *(int *) (base + f->off) = v != 0;

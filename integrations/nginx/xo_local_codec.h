@@ -52,6 +52,12 @@ typedef struct {
     uint32_t port;
 } xo_endpoint_t;
 
+/* A proto3 `optional uint64`: `set` tells an absent field ("unknown") from a sent 0. */
+typedef struct {
+    int set;
+    uint64_t value;
+} xo_opt_u64_t;
+
 /*
  * The union of every message's fields; `type` says which message it is. Field names follow the
  * proto: `flag` is Hello.accept_connections, HelloReply.ok, OffloadResult.accepted and
@@ -73,6 +79,7 @@ typedef struct {
     xo_bytes_t agent;
     xo_endpoint_t client;
     xo_endpoint_t vip;
+    xo_opt_u64_t expected_bytes; /* OffloadRequest: bytes the target will send, if known */
 } xo_local_msg_t;
 
 /* Bytes xo_local_encode needs for msg (without the 4-byte frame header). */

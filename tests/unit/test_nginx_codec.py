@@ -27,6 +27,10 @@ class EndpointC(ctypes.Structure):
     _fields_ = [("addr", Bytes), ("port", ctypes.c_uint32)]
 
 
+class OptU64(ctypes.Structure):
+    _fields_ = [("set", ctypes.c_int), ("value", ctypes.c_uint64)]
+
+
 BYTE_FIELDS = ("app", "target", "preread", "app_state", "handoff_id", "detail", "agent")
 
 
@@ -41,6 +45,7 @@ class Msg(ctypes.Structure):
         *[(name, Bytes) for name in BYTE_FIELDS],
         ("client", EndpointC),
         ("vip", EndpointC),
+        ("expected_bytes", OptU64),
     ]
 
 
@@ -82,6 +87,7 @@ EXAMPLES = {
         preread=b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(300),
         app_state=b"\x00\xff",
         app="nginx",
+        expected_bytes=MAX_U64,
     ),
     "offload_result": local_pb2.OffloadResult(
         request_id=7, accepted=True, handoff_id="f0-1", reason=offload_pb2.REFUSED, detail="d"
@@ -131,6 +137,8 @@ def to_c(name: str, body: object, keep: list[bytes]) -> Msg:
                 keep.append(ep.addr)
                 addr = Bytes(ctypes.cast(ctypes.c_char_p(ep.addr), ctypes.c_void_p), len(ep.addr))
                 setattr(msg, side, EndpointC(addr, ep.port))
+        elif field.name == "expected_bytes":
+            msg.expected_bytes = OptU64(1, value)
         else:
             setattr(msg, field.name, value)
     return msg
@@ -154,6 +162,9 @@ def from_c(msg: Msg) -> local_pb2.LocalMessage:
                     getattr(body.flow, side).port = ep.port
         elif field.name == "ktls":
             body.ktls = bool(msg.ktls)
+        elif field.name == "expected_bytes":
+            if msg.expected_bytes.set:
+                body.expected_bytes = msg.expected_bytes.value
         else:
             setattr(body, field.name, getattr(msg, field.name))
     out = local_pb2.LocalMessage()
@@ -186,6 +197,23 @@ def test_c_encodes_byte_exact_python(codec: ctypes.CDLL, name: str) -> None:
     assert codec.xo_local_encode(ctypes.byref(msg), out, size) == size
     assert out.raw == expected
     assert local_pb2.LocalMessage.FromString(out.raw) == wrap(name)
+
+
+@pytest.mark.parametrize("size", [None, 0, 2 << 20])
+def test_expected_bytes_keeps_unknown_apart_from_zero(codec: ctypes.CDLL,
+                                                      size: int | None) -> None:
+    """Absent (unknown) and a sent 0 (a known empty transfer) survive both directions."""
+    py = local_pb2.LocalMessage(offload=local_pb2.OffloadRequest(
+        request_id=1, target="b0", expected_bytes=size))
+    wire = py.SerializeToString()
+    msg = Msg()
+    assert codec.xo_local_decode(wire, len(wire), ctypes.byref(msg)) == 0
+    assert (msg.expected_bytes.set, msg.expected_bytes.value) == (size is not None, size or 0)
+    out = ctypes.create_string_buffer(len(wire))
+    assert codec.xo_local_encode(ctypes.byref(msg), out, len(wire)) == len(wire)
+    assert out.raw == wire
+    assert local_pb2.LocalMessage.FromString(out.raw).offload.HasField(
+        "expected_bytes") is (size is not None)
 
 
 def test_encode_refuses_small_buffer(codec: ctypes.CDLL) -> None:
