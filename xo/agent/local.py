@@ -24,6 +24,11 @@ from xo.v1 import local_pb2
 
 log = logging.getLogger("xo.agent.local")
 BACKLOG = 128
+# A socket that comes back to an app which is not connected waits this long for it: after an
+# agent restart the apps reconnect within a second (xo.app's backoff ceiling, nginx's
+# handoff_agent_retry), so this covers a few of their retries before the socket is closed.
+APP_WAIT_S = 3.0
+APP_POLL_S = 0.01
 
 
 class NoApp(LookupError):
@@ -159,6 +164,57 @@ class LocalServer:
             raise NoApp(f"no app {app!r} accepts connections on this agent")
         return ready[next(self._rr) % len(ready)]
 
+    def _accepting(self, app: str) -> AppConn:
+        """pick(app); "" (a flow adopted after a restart, its app unknown): any app."""
+        if app:
+            return self.pick(app)
+        for c in self.conns:
+            if c.accepts:
+                return c
+        raise NoApp("no app accepts connections on this agent")
+
+    async def deliver(self, app: str, msg: local_pb2.LocalMessage,
+                      sock: socket.socket | None) -> None:
+        """Send `msg` (with `sock`, which this call takes and closes) to `app`.
+
+        With no such app connected (it is reconnecting after this agent restarted, or itself
+        restarting) the socket waits for it in a background task, up to APP_WAIT_S, instead of
+        being closed at once; the caller is not held up meanwhile.
+        """
+        try:
+            await self._accepting(app).send(msg, sock.fileno() if sock else None)
+        except (NoApp, OSError) as e:
+            log.info("%s: %s; waiting up to %.0f s for it", _what(msg), e, APP_WAIT_S)
+            task = asyncio.get_running_loop().create_task(self._deliver_later(app, msg, sock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        if sock is not None:
+            sock.close()
+
+    async def _deliver_later(self, app: str, msg: local_pb2.LocalMessage,
+                             sock: socket.socket | None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + APP_WAIT_S
+        try:
+            while True:
+                await asyncio.sleep(APP_POLL_S)
+                try:
+                    await self._accepting(app).send(msg, sock.fileno() if sock else None)
+                    log.info("%s: delivered to app %r after it reconnected", _what(msg), app)
+                    return
+                except (NoApp, OSError) as e:
+                    if loop.time() > deadline:
+                        log.error("%s: no app took it within %.0f s (%s): closing it",
+                                  _what(msg), APP_WAIT_S, e)
+                        return
+        except asyncio.CancelledError:
+            log.error("%s: the agent stops before its app came back: closing it", _what(msg))
+            raise
+        finally:
+            if sock is not None:
+                sock.close()
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
@@ -170,3 +226,10 @@ class LocalServer:
             self._listener = None
             with contextlib.suppress(FileNotFoundError):
                 self._api.path.unlink()
+
+
+def _what(msg: local_pb2.LocalMessage) -> str:
+    """'returned flow HID' / 'handed-in flow HID', for the logs."""
+    body = msg.WhichOneof("body")
+    inner = getattr(msg, body) if body else None
+    return f"{body or 'message'} flow {getattr(inner, 'handoff_id', '?')}"

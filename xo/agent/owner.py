@@ -31,7 +31,7 @@ from xo.agent import validate
 from xo.agent.config import Peer
 from xo.agent.context import Context, PhaseTimer, quiesce
 from xo.agent.liveness import host_alive
-from xo.agent.local import AppConn, NoApp, expected_bytes
+from xo.agent.local import AppConn, expected_bytes
 from xo.agent.machine import Event, Machine, State, StateError
 from xo.agent.validate import ProtocolError
 from xo.datapath import Action, DatapathError, Direction, Redirect
@@ -360,20 +360,8 @@ class Owner:
             handoff_id=rec.handoff_id, flow=rec.flow.to_proto(),
             reason=req.reason if req else offload_pb2.INTERNAL,
             preread=req.preread if req else b"", app_state=req.app_state if req else b""))
-        try:
-            conn = self.ctx.local.pick(rec.app) if rec.app else self._any_app()
-            await conn.send(msg, sock.fileno() if sock else None)
-        except (NoApp, OSError) as e:
-            log.error("flow %s came back but no app takes it (%s): closing it", rec.flow, e)
-        finally:
-            if sock is not None:
-                sock.close()
-
-    def _any_app(self) -> AppConn:
-        for c in self.ctx.local.conns:
-            if c.accepts:
-                return c
-        raise NoApp("no app accepts connections on this agent")
+        # An app not connected right now (reconnecting after our restart) gets a few seconds.
+        await self.ctx.local.deliver(rec.app, msg, sock)
 
     # --- restart and target failure --------------------------------------------------------
     def reconcile(self) -> list[OwnedFlow]:
