@@ -46,6 +46,7 @@ from xo.v1 import local_pb2
 log = logging.getLogger("xo.app")
 
 DEFAULT_TIMEOUT = 5.0
+MAX_EXPECTED_BYTES = (1 << 64) - 1  # OffloadRequest.expected_bytes is a uint64
 # Reconnect backoff once the agent went away: the first retry comes soon (a graceful restart is
 # back within about a second), then it doubles up to the ceiling nginx's module uses as its
 # fixed retry (handoff_agent_retry 1s), so an app is back at most a second after its agent.
@@ -309,14 +310,20 @@ class AgentClient:
             box.put(f)
 
     def offload(self, sock: socket.socket, target: str, preread: bytes = b"",
-                app_state: bytes = b"", app: str = "") -> OffloadOutcome:
+                app_state: bytes = b"", app: str = "",
+                expected_bytes: int | None = None) -> OffloadOutcome:
         """Ask the agent to move `sock` to `target`; on acceptance close `sock` yourself.
 
         AgentUnavailable at once while the agent is away: serve `sock` yourself.
+        `expected_bytes`: what the target will send the client (None: unknown); the agent's
+        policy gives only large transfers a hardware rule.
         """
+        if expected_bytes is not None and not 0 <= expected_bytes <= MAX_EXPECTED_BYTES:
+            raise ValueError(f"expected_bytes must be a uint64, got {expected_bytes}")
         rid = next(self._ids)
         msg = local_pb2.LocalMessage(offload=local_pb2.OffloadRequest(
-            request_id=rid, target=target, preread=preread, app_state=app_state, app=app))
+            request_id=rid, target=target, preread=preread, app_state=app_state, app=app,
+            expected_bytes=expected_bytes))
         r = self._call(msg, sock.fileno(), ("offload_result", str(rid))).msg.offload_result
         return OffloadOutcome(r.accepted, r.handoff_id, r.reason, r.detail)
 
@@ -420,8 +427,9 @@ class Server:
                 return Connection(Kind.FRESH, sock)
 
     def offload(self, sock: socket.socket, target: str, preread: bytes = b"",
-                app_state: bytes = b"", app: str = "") -> OffloadOutcome:
-        return self.agent.offload(sock, target, preread, app_state, app)
+                app_state: bytes = b"", app: str = "",
+                expected_bytes: int | None = None) -> OffloadOutcome:
+        return self.agent.offload(sock, target, preread, app_state, app, expected_bytes)
 
     def give_back(self, sock: socket.socket, handoff_id: str, preread: bytes = b"",
                   app_state: bytes = b"", wait: float = GIVE_BACK_WAIT_S) -> None:

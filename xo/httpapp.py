@@ -210,8 +210,9 @@ class Frontend(HttpApp):
             target = self._next_backend() if size > self.small else None
             if target is not None:
                 t0 = time.perf_counter()
+                # the body size: the agent's policy gives large transfers a hardware rule
                 res = self.server.offload(sock, target, preread=request + buf,
-                                          app=self.backend_app)
+                                          app=self.backend_app, expected_bytes=size)
                 if res.accepted:
                     sock.close()  # at once: the 4-tuple must be free when the flow returns
                     with self.stats.lock:

@@ -502,7 +502,8 @@ class Gateway:
         conn = ex.conn
         preread = conn.take_buffer()
         try:
-            handoff = offloader.offload(conn.sock, node.spec.target, preread, state.to_bytes())
+            handoff = offloader.offload(conn.sock, node.spec.target, preread, state.to_bytes(),
+                                        expected_bytes=state.length)
         except OffloadUnknown as e:
             log.error("%s; giving up this client connection", e)
             conn.sock.close()  # our copy only: the agent holds the socket

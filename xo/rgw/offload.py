@@ -1,6 +1,7 @@
 """The seam between the S3 servers and XO's offload machinery (the local agent).
 
-The gateway calls `Offloader.offload(sock, target, preread, app_state)`: when the agent
+The gateway calls `Offloader.offload(sock, target, preread, app_state, expected_bytes)` (the
+object range length, for the agent's hardware rule policy): when the agent
 accepts, the client's connection lives on the storage node until it comes back through
 `wait_return`. The node side, `NodeAgentLink`, receives handed-in connections and passes them
 to `StorageNode.serve_handed_in`, which gives them back when the response is sent. Proxy mode
@@ -43,8 +44,9 @@ class OffloadUnknown(Exception):
 
 class Offloader(Protocol):
     def offload(self, sock: socket.socket, target: str, preread: bytes,
-                app_state: bytes) -> str | None:
-        """Hand `sock` to `target`: the handoff id, or None if refused (`sock` unchanged).
+                app_state: bytes, expected_bytes: int | None = None) -> str | None:
+        """Hand `sock` to `target`, which will send about `expected_bytes` (None: unknown):
+        the handoff id, or None if refused (`sock` unchanged).
 
         Raises OffloadUnknown when the outcome cannot be known.
         """
@@ -119,14 +121,14 @@ class AgentOffloader:
             self._box(conn.handoff_id).put(Returned(conn.sock, conn.preread, conn.app_state))
 
     def offload(self, sock: socket.socket, target: str, preread: bytes,
-                app_state: bytes) -> str | None:
+                app_state: bytes, expected_bytes: int | None = None) -> str | None:
         from xo.app import AgentError
 
         agent = self._connect()
         if agent is None:
             return None
         try:
-            outcome = agent.offload(sock, target, preread, app_state, APP_NAME)
+            outcome = agent.offload(sock, target, preread, app_state, APP_NAME, expected_bytes)
         except OSError as e:  # the request (and the fd) never reached the agent
             log.warning("offload to %s failed, agent dropped: %s", target, e)
             self._drop(agent)
