@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from xo import uapi
 from xo.agent.labkit import LabAgents
-from xo.app import AgentError, Connection, Kind, Server
+from xo.app import AgentError, AgentUnavailable, Connection, Kind, Server
 from xo.lab import Host, Lab
 
 log = logging.getLogger("xo.httpapp")
@@ -210,10 +210,14 @@ class Frontend(HttpApp):
             target = self._next_backend() if size > self.small else None
             if target is not None:
                 t0 = time.perf_counter()
-                # the body size: the agent's policy gives large transfers a hardware rule
-                res = self.server.offload(sock, target, preread=request + buf,
-                                          app=self.backend_app, expected_bytes=size)
-                if res.accepted:
+                try:
+                    # the body size: the agent's policy gives large transfers a hardware rule
+                    res = self.server.offload(sock, target, preread=request + buf,
+                                              app=self.backend_app, expected_bytes=size)
+                    refusal = res.detail
+                except AgentUnavailable as e:  # the agent is restarting: nothing was sent
+                    res, refusal = None, str(e)
+                if res is not None and res.accepted:
                     sock.close()  # at once: the 4-tuple must be free when the flow returns
                     with self.stats.lock:
                         self.stats.offloaded += 1
@@ -221,7 +225,7 @@ class Frontend(HttpApp):
                     return  # the connection comes back as a new Connection (RETURNED)
                 with self.stats.lock:
                     self.stats.refused += 1
-                log.warning("offload to %s refused (%s): serving locally", target, res.detail)
+                log.warning("offload to %s refused (%s): serving locally", target, refusal)
             data = response(size, self.name, keep_alive)
             sock.sendall(data)
             self.stats.served(len(data))
