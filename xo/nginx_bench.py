@@ -14,7 +14,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import shutil
@@ -23,7 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xo.lab import Host, Lab
-from xo.nginxlab import Nginx, build_module, make_files, running, shared_dir
+from xo.nginxlab import (
+    Nginx,
+    backend_server,
+    build_module,
+    fingerprint,
+    handoff_targets,
+    lab_nginx,
+    make_files,
+    running,
+    shared_dir,
+)
 
 HANDOFF_PORT = 80
 PROXY_PORT = 81
@@ -91,13 +100,18 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
-def parse_wrk(out: str) -> tuple[int, float, float, float, float]:
-    """requests, requests/s, MiB/s, p50 ms, p99 ms; errors raise BenchError."""
+def wrk_requests(out: str) -> int:
+    """The requests wrk completed; socket errors or non-2xx responses raise BenchError."""
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if (errors and any(int(x) for x in errors.groups())) or non2xx:
         raise BenchError(f"wrk saw errors:\n{out}")
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+
+
+def parse_wrk(out: str) -> tuple[int, float, float, float, float]:
+    """requests, requests/s, MiB/s, p50 ms, p99 ms; errors raise BenchError."""
+    requests = wrk_requests(out)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     rate, unit = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", out).groups()  # type: ignore[union-attr]
     mib = float(rate) * {"KB": 1 / 1024, "MB": 1.0, "GB": 1024.0}.get(unit, 0.0)
@@ -107,7 +121,7 @@ def parse_wrk(out: str) -> tuple[int, float, float, float, float]:
 
 
 def frontend_servers(lab: Lab, www: Path) -> str:
-    targets = "\n".join(f"            handoff_target {b.name};" for b in lab.backends)
+    targets = handoff_targets(b.name for b in lab.backends)
     upstream = "\n".join(f"        server {b.ip4}:{BACKEND_PORT};" for b in lab.backends)
     return f"""
     upstream xo_backends {{
@@ -132,20 +146,11 @@ def frontend_servers(lab: Lab, www: Path) -> str:
     }}"""
 
 
-def backend_server(host: Host, www: Path) -> str:
-    return f"""
-    server {{
-        listen {host.ip4}:{BACKEND_PORT};
-        handoff_in on;
-        root {www};
-    }}"""
-
-
 def check_body(client: Host, url: str, expect: tuple[int, str], scratch: Path) -> None:
     out = scratch / "check.bin"
     client.run(["curl", "-sS", "--fail", "-o", str(out), url], timeout=60)
     data = out.read_bytes()
-    if (len(data), hashlib.sha256(data).hexdigest()) != expect:
+    if fingerprint(data) != expect:
         raise BenchError(f"{url}: wrong body ({len(data)} bytes)")
 
 
@@ -223,25 +228,14 @@ def run(args: argparse.Namespace) -> int:
             f = lab.frontends[0]
             for h in (f, *lab.backends):
                 os.chmod(agents.socket_path(h), SOCKET_MODE)
-            front = Nginx(
-                f,
-                directory / "nginx-f0",
-                frontend_servers(lab, www),
+            front, backs = lab_nginx(
+                lab,
+                directory,
                 so,
-                agent=Path(agents.socket_path(f)),
-                workers=1,
+                frontend_servers(lab, www),
+                lambda b: backend_server(b, www, BACKEND_PORT),
+                lambda h: Path(agents.socket_path(h)),
             )
-            backs = [
-                Nginx(
-                    b,
-                    directory / f"nginx-{b.name}",
-                    backend_server(b, www),
-                    so,
-                    agent=Path(agents.socket_path(b)),
-                    workers=1,
-                )
-                for b in lab.backends
-            ]
             with running(front, *backs), tempfile.TemporaryDirectory() as scratch:
                 agent_pid = agents.procs[f.name].pid
                 for name, size in names.items():

@@ -20,11 +20,11 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xo.lab import Host
+from xo.lab import Host, Lab
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO / "integrations" / "nginx" / "build.sh"
@@ -52,6 +52,11 @@ def shared_dir(prefix: str) -> Path:
     return d
 
 
+def fingerprint(data: bytes) -> tuple[int, str]:
+    """(size, sha256): what a served body is compared with."""
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
 def make_files(root: Path, sizes: dict[str, int]) -> dict[str, tuple[int, str]]:
     """Random files name -> (size, sha256)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -61,8 +66,36 @@ def make_files(root: Path, sizes: dict[str, int]) -> dict[str, tuple[int, str]]:
         data = os.urandom(size)
         (root / name).write_bytes(data)
         (root / name).chmod(0o644)
-        out[name] = (size, hashlib.sha256(data).hexdigest())
+        out[name] = fingerprint(data)
     return out
+
+
+def handoff_targets(targets: Iterable[str]) -> str:
+    """`handoff_target` lines for a location block of a server{} template."""
+    return "\n".join(f"            handoff_target {t};" for t in targets)
+
+
+def backend_server(
+    host: Host,
+    www: Path,
+    port: int,
+    *,
+    v6: bool = False,
+    served_by: bool = False,
+    stub: bool = False,
+) -> str:
+    """The server{} of a backend nginx: `handoff_in` on HOST:port serving the files under www;
+    optionally also on its IPv6 address, naming itself in X-Served-By, with /stub status."""
+    lines = [f"        listen {host.ip4}:{port};"]
+    if v6:
+        lines.append(f"        listen [{host.ip6}]:{port};")
+    lines += ["        handoff_in on;", f"        root {www};"]
+    if served_by:
+        lines.append(f"        add_header X-Served-By {host.name} always;")
+    if stub:
+        lines.append("        location = /stub { stub_status; }")
+    body = "\n".join(lines)
+    return f"\n    server {{\n{body}\n    }}"
 
 
 @dataclass
@@ -202,6 +235,28 @@ http {{
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def lab_nginx(
+    lab: Lab,
+    directory: Path,
+    module: Path,
+    front_servers: str,
+    back_servers: Callable[[Host], str],
+    agent_path: Callable[[Host], Path],
+    front_workers: int = 1,
+    back_workers: int = 1,
+) -> tuple[Nginx, list[Nginx]]:
+    """The frontend nginx of a lab (on its first frontend) and one nginx per backend, each
+    talking to its host's agent socket; not started (see `running`)."""
+
+    def one(h: Host, servers: str, workers: int) -> Nginx:
+        return Nginx(
+            h, directory / f"nginx-{h.name}", servers, module, agent=agent_path(h), workers=workers
+        )
+
+    front = one(lab.frontends[0], front_servers, front_workers)
+    return front, [one(b, back_servers(b), back_workers) for b in lab.backends]
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
-"""Helpers of the nginx net tests (nginx itself runs through xo.nginxlab): an fd-passing
-stand-in for the xo agent's local API, and a keep-alive client that checks every body.
+"""Helpers of the nginx tests (nginx itself runs through xo.nginxlab): an fd-passing
+stand-in for the xo agent's local API, a keep-alive client that checks every body, and the
+site (frontend + backends in a lab) with its curl, counters and wait helpers.
 
 The stand-in speaks proto/xo/v1/local.proto exactly as the agent does towards apps (Hello,
 OffloadRequest -> HandedIn + OffloadResult, GiveBack -> Returned + GiveBackResult) but moves
@@ -11,21 +12,26 @@ from __future__ import annotations
 
 import array
 import contextlib
-import hashlib
 import http.client
 import ipaddress
 import itertools
 import os
+import re
 import selectors
+import shutil
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 
-from xo.lab import Host
+from xo import nginxlab
+from xo.lab import Host, Lab
+from xo.nginx_bench import wrk_requests
+from xo.nginxlab import Nginx
 from xo.v1 import local_pb2, offload_pb2
 
 HEADER = struct.Struct("!I")
@@ -33,6 +39,14 @@ FD_SIZE = array.array("i").itemsize
 STOP_TIMEOUT_S = 10.0
 HTTP_PORT = 80
 HTTP_TIMEOUT_S = 10.0
+WRK_THREADS = 2
+WRK_TIMEOUT_S = 60
+POLL_S = 0.1
+LOG_TAIL = 4000  # characters of each log printed when a site fails
+CONNECTED = "handoff: connected to agent"
+BACKEND_PORT = 8080
+FILES = {"small.bin": 1000, "64k.bin": 64 * 1024, "1m.bin": 1024 * 1024}
+BACK_WORKERS = 2
 
 
 def _endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> offload_pb2.Endpoint:
@@ -310,7 +324,7 @@ def keepalive_traffic(
                 with lock:
                     result.losses.append(f"mid-response: {e!r}")
                 continue
-            got = (len(body), hashlib.sha256(body).hexdigest())
+            got = nginxlab.fingerprint(body)
             with lock:
                 if resp.status == HTTPStatus.OK and got == expect:
                     result.ok += 1
@@ -324,3 +338,215 @@ def keepalive_traffic(
     for t in threads:
         t.join()
     return result
+
+
+def reload_during_traffic(
+    site: Site, name: str, seconds: float, connections: int, pause: float
+) -> Traffic:
+    """keepalive_traffic on `name` while the frontend, then (after `pause`) the backends get a
+    HUP; returns its outcome once the old workers of every nginx have exited."""
+    result: list[Traffic] = []
+    args = (site.client, str(site.lab.vip4), f"/files/{name}", site.files[name])
+    traffic = threading.Thread(
+        target=lambda: result.append(keepalive_traffic(*args, seconds, connections))
+    )
+    traffic.start()
+    try:
+        time.sleep(pause)
+        site.front.reload()
+        time.sleep(pause)
+        for b in site.backs:
+            b.reload()
+    finally:
+        traffic.join()
+    for n in site.nginx:  # the old workers finished and exited
+        wait_for(f"{n.host.name} workers", lambda n=n: len(n.worker_pids()), n.workers)
+    (t,) = result
+    return t
+
+
+@dataclass
+class Site:
+    """A frontend nginx and its backends in a lab, serving `files` (name -> size, sha256)."""
+
+    lab: Lab
+    front: Nginx
+    backs: list[Nginx]
+    files: dict[str, tuple[int, str]]
+    directory: Path
+
+    @property
+    def client(self) -> Host:
+        return self.lab.clients[0]
+
+    @property
+    def nginx(self) -> tuple[Nginx, ...]:
+        return (self.front, *self.backs)
+
+    def url(self, name: str, v6: bool = False) -> str:
+        host = f"[{self.lab.vip6}]" if v6 else str(self.lab.vip4)
+        return f"http://{host}/files/{name}"
+
+
+@contextlib.contextmanager
+def files_lab(prefix: str) -> Iterator[tuple[Lab, Path, dict[str, tuple[int, str]]]]:
+    """A lab (c0, f0, b0, b1) and a directory nginx can read whose www/files holds FILES
+    (returned as name -> size, sha256); both are removed afterwards."""
+    directory = nginxlab.shared_dir(prefix)
+    files = nginxlab.make_files(directory / "www" / "files", FILES)
+    try:
+        with Lab(clients=1, frontends=1, backends=2) as lab:
+            yield lab, directory, files
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def http_nginx(
+    lab: Lab,
+    directory: Path,
+    module: Path,
+    targets: Iterable[str],
+    options: str,
+    agent_path: Callable[[Host], Path],
+    front_workers: int = 1,
+    back_stub: bool = False,
+) -> tuple[Nginx, list[Nginx]]:
+    """The plain-HTTP site of a files_lab: front_server on f0, handoff_in backends on v4 and
+    v6 naming themselves in X-Served-By (and a /stub if back_stub); not started."""
+    www = directory / "www"
+    return nginxlab.lab_nginx(
+        lab,
+        directory,
+        module,
+        front_server(lab, www, targets, options),
+        lambda b: nginxlab.backend_server(
+            b, www, BACKEND_PORT, v6=True, served_by=True, stub=back_stub
+        ),
+        agent_path,
+        front_workers,
+        BACK_WORKERS,
+    )
+
+
+def front_server(lab: Lab, www: Path, targets: Iterable[str], options: str) -> str:
+    """The frontend's server{} on VIP:80 (v4 and v6): /files/ handed off to `targets` with the
+    extra handoff `options` lines, X-Served-By f0 when served locally, /stub status."""
+    return f"""
+    server {{
+        listen {lab.vip4}:{HTTP_PORT};
+        listen [{lab.vip6}]:{HTTP_PORT};
+        root {www};
+        add_header X-Served-By f0 always;
+        location /files/ {{
+            handoff_out;
+{nginxlab.handoff_targets(targets)}
+{options}
+        }}
+        location = /stub {{ stub_status; }}
+    }}"""
+
+
+@contextlib.contextmanager
+def serving(site: Site, logs: Callable[[], str] = str) -> Iterator[Site]:
+    """Run the site's nginx; on a failure print their error logs and `logs()` (pytest shows
+    them); after success, no alert/crit/emerg line in any error.log."""
+    with nginxlab.running(*site.nginx):
+        try:
+            yield site
+        except BaseException:
+            for n in site.nginx:
+                print(f"--- nginx {n.host.name}\n{n.log_text()[-LOG_TAIL:]}")
+            print(logs())
+            raise
+        for n in site.nginx:
+            assert n.bad_log_lines() == [], n.host.name
+
+
+def wait_for(what: str, probe: Callable[[], object], want: object, timeout: float = 20.0) -> None:
+    """Poll until probe() == want; fails naming `what` and the last value."""
+    deadline = time.monotonic() + timeout
+    while (got := probe()) != want:
+        assert time.monotonic() < deadline, f"{what}: {got} != {want}"
+        time.sleep(POLL_S)
+
+
+def wait_connected(nginx: Iterable[Nginx], timeout: float, at_least: int | None = None) -> None:
+    """Until every worker of every nginx (or `at_least` hellos each) reached its agent."""
+    for n in nginx:
+        want = n.workers if at_least is None else at_least
+
+        def hellos(n: Nginx = n, want: int = want) -> int:
+            return min(n.log_text().count(CONNECTED), want)
+
+        wait_for(f"{n.host.name} agent hellos", hellos, want, timeout)
+
+
+def fd_counts(site: Site) -> dict[str, int]:
+    """File descriptors held by the workers of each nginx of the site."""
+    return {n.host.name: n.open_fds() for n in site.nginx}
+
+
+def stub_active(site: Site) -> int:
+    """Active connections of the frontend's /stub (stub_status), the probe's own included."""
+    res = site.client.run(["curl", "-sS", f"http://{site.lab.vip4}/stub"], timeout=10)
+    return int(re.search(r"Active connections: (\d+)", res.stdout).group(1))  # type: ignore[union-attr]
+
+
+def rst_counts(
+    lab: Lab, client_counters: Sequence[str], server_counters: Sequence[str]
+) -> dict[str, int]:
+    """nstat reset/abort counters: `client_counters` on the clients, the others elsewhere."""
+    out = {}
+    for h in lab.hosts:
+        counters = h.nstat()
+        names = client_counters if h in lab.clients else server_counters
+        out.update({f"{h.name}.{k}": counters.get(k, 0) for k in names})
+    return out
+
+
+def curl_files(
+    site: Site, urls: list[str], names: list[str], extra: Sequence[str] = (), timeout: float = 60
+) -> tuple[list[str], int]:
+    """GET urls in order with one curl (keep-alive), each body checked against site.files of
+    its name; returns the X-Served-By header of each response and curl's TCP connects."""
+    out = site.directory / "curl"
+    out.mkdir(exist_ok=True)
+    argv = ["curl", "-sS", "--http1.1", "--fail", *extra]
+    argv += ["-D", str(out / "headers"), "-w", "%{num_connects}\n"]
+    for i, url in enumerate(urls):
+        argv += ["-o", str(out / f"body{i}"), url]
+    res = site.client.run(argv, timeout=timeout)
+    for i, name in enumerate(names):
+        assert nginxlab.fingerprint((out / f"body{i}").read_bytes()) == site.files[name], name
+    served = re.findall(r"^X-Served-By: (\S+)", (out / "headers").read_text(), re.M)
+    return served, sum(int(x) for x in res.stdout.split())
+
+
+def assert_round_robin(
+    site: Site, names: list[str], v6: bool, rsts: Callable[[Site], dict[str, int]]
+) -> None:
+    """GET names on one keep-alive connection: each request handed off to the next backend in
+    turn, each body exact, no counter of rsts(site) moved, the access logs agreeing."""
+    before = rsts(site)
+    served, connects = curl_files(site, [site.url(n, v6) for n in names], names)
+    assert connects == 1  # one client connection throughout
+    backs = len(site.backs)
+    assert served == [site.backs[i % backs].host.name for i in range(len(names))]
+    assert rsts(site) == before
+    assert [r["hs"] for r in site.front.access()] == ["out"] * len(names)
+    for i, back in enumerate(site.backs):
+        rows = back.access()
+        assert [r["hs"] for r in rows] == ["in"] * len(names[i::backs])
+        assert [int(r["bytes"]) for r in rows] == [FILES[n] for n in names[i::backs]]
+
+
+def wrk_leaves_no_leak(site: Site, name: str, connections: int, seconds: int, wait: float) -> None:
+    """wrk GETs `name` over persistent connections: requests done without socket errors or
+    non-2xx; within `wait` the frontend's stub_status counts only the probe's own connection
+    and every nginx's workers hold the fds they held before."""
+    base_fds = fd_counts(site)
+    argv = ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", site.url(name)]
+    out = site.client.run(argv, timeout=WRK_TIMEOUT_S).stdout
+    assert wrk_requests(out) > 0, out  # socket errors or non-2xx responses raise
+    wait_for("frontend stub_status active", lambda: stub_active(site), 1, wait)
+    wait_for("worker fds", lambda: fd_counts(site), base_fds, wait)
