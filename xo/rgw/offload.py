@@ -122,16 +122,15 @@ class AgentOffloader:
 
     def offload(self, sock: socket.socket, target: str, preread: bytes,
                 app_state: bytes, expected_bytes: int | None = None) -> str | None:
-        from xo.app import AgentError
+        from xo.app import AgentError, AgentUnavailable
 
         agent = self._connect()
         if agent is None:
             return None
         try:
             outcome = agent.offload(sock, target, preread, app_state, APP_NAME, expected_bytes)
-        except OSError as e:  # the request (and the fd) never reached the agent
-            log.warning("offload to %s failed, agent dropped: %s", target, e)
-            self._drop(agent)
+        except AgentUnavailable as e:  # the request (and the fd) never reached the agent
+            log.warning("offload to %s not sent (the client reconnects): %s", target, e)
             return None
         except AgentError as e:  # sent, but no answer: the agent may be moving the socket
             self._drop(agent)
