@@ -8,10 +8,7 @@ frontend, so a missed redirect draws an RST; the echo must be byte-exact both wa
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,11 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "net"))
 from test_datapath import (  # noqa: E402
     PAYLOAD,
     Capture,
-    connect,
-    echo_until_eof,
+    assert_dsr_frames,
+    echo_via,
     ip_of,
     listen,
-    recv_exactly,
     rsts,
     vip_of,
     wait_closed,
@@ -98,16 +94,7 @@ def test_flower_redirect_and_snat_move_a_flow_byte_exact(
         assert t_f and t_b and q_f.drain(WAIT_S) and q_b.drain(WAIT_S)
         # veth has no offload: without skip_sw the kernel keeps the rule in software
         assert (t_f.state, t_b.state) == (RuleState.IN_SW, RuleState.IN_SW), (t_f, t_b)
-        s = connect(c, client, vip)
-        conn, peer = srv.accept()
-        assert Endpoint(ipaddress.ip_address(peer[0]), peer[1]) == client
-        t = threading.Thread(target=echo_until_eof, args=(conn,))
-        t.start()
-        s.sendall(PAYLOAD)
-        s.shutdown(socket.SHUT_WR)
-        assert recv_exactly(s, len(PAYLOAD) + 1) == PAYLOAD, "echo via flower not byte-exact"
-        t.join(WAIT_S)
-        s.close()
+        echo_via(c, srv, client, vip, PAYLOAD)
         wait_closed(b, handoff)
         assert q_f.end(flow_f, wait=True, timeout=WAIT_S) is RuleState.REMOVED
         assert q_b.end(flow_b, wait=True, timeout=WAIT_S) is RuleState.REMOVED
@@ -115,16 +102,7 @@ def test_flower_redirect_and_snat_move_a_flow_byte_exact(
         q_f.close(timeout=WAIT_S)
         q_b.close(timeout=WAIT_S)
         srv.close()
-    to_b = [p for p in cap_b.tcp_frames() if p["src"] == client]
-    to_c = [p for p in cap_c.tcp_frames() if p["dst"] == client]
-    assert len(to_b) >= 10 and len(to_c) >= 10
-    for p in to_b:  # REDIRECT rewrote dst MAC/IP/port and src MAC, checksums fixed
-        assert p["dst"] == handoff and p["dst_mac"] == b.mac and p["src_mac"] == f.mac
-        assert p["ip_ok"] and p["tcp_ok"], f"bad checksum after flower REDIRECT: {p}"
-    for p in to_c:  # SNAT made the backend's replies come from the VIP
-        assert p["src"] == vip and p["src_mac"] == b.mac
-        assert p["ip_ok"] and p["tcp_ok"], f"bad checksum after flower SNAT: {p}"
-    assert not any(p["rst"] for p in to_b + to_c)
+    assert_dsr_frames(cap_b, cap_c, flow_b, vip, f, b, "flower")
     assert rsts(c, f, b) == before_rst
     assert "flower" not in flower_filters(f, "ingress")
     assert "flower" not in flower_filters(b, "egress")

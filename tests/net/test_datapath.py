@@ -3,6 +3,7 @@ detach, bad input, and a live TCP connection moved from frontend to backend with
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import select
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,8 @@ RETRANSMIT_WAIT_S = 0.7  # > the first RTO (200 ms) + its doubled retry
 DEADLINE_S = 10.0
 HPORT = 47000  # backend handoff ports used by these tests
 VPORT = 8000  # VIP ports
+LIVE_TOTAL = 400_000  # bytes the live client streams (and expects echoed)
+MIN_FRAMES = 10  # frames each way a DSR echo of PAYLOAD must at least take
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +196,42 @@ def echo_until_eof(conn: socket.socket) -> int:
     return n
 
 
+def echo_via(c: Host, srv: socket.socket, client: Endpoint, vip: Endpoint, data: bytes) -> None:
+    """The client at `client` connects to `vip` and streams data; whatever serves `srv` (the
+    rules decide the path) echoes it: the peer is the client itself, the echo byte-exact."""
+    s = connect(c, client, vip)
+    conn, peer = srv.accept()
+    assert Endpoint(ipaddress.ip_address(peer[0]), peer[1]) == client
+    assert s.getpeername()[:2] == vip.sockaddr()
+    t = threading.Thread(target=echo_until_eof, args=(conn,))
+    t.start()
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    assert recv_exactly(s, len(data) + 1) == data, "echo through DSR not byte-exact"
+    t.join(DEADLINE_S)
+    s.close()
+
+
+def assert_dsr_frames(
+    cap_b: Capture, cap_c: Capture, flow_b: FlowKey, vip: Endpoint, f: Host, b: Host, how: str
+) -> int:
+    """What the captures on the backend and the client saw of flow_b (client -> handoff):
+    REDIRECT rewrote dst MAC/IP/port and src MAC, the source rewrite made the backend's replies
+    come from the VIP, every checksum right, no RST; returns the frames redirected to b."""
+    client, handoff = flow_b.client, flow_b.vip
+    to_b = [p for p in cap_b.tcp_frames() if p["src"] == client]
+    to_c = [p for p in cap_c.tcp_frames() if p["dst"] == client]
+    assert len(to_b) >= MIN_FRAMES and len(to_c) >= MIN_FRAMES
+    for p in to_b:
+        assert p["dst"] == handoff and p["dst_mac"] == b.mac and p["src_mac"] == f.mac
+        assert p["ip_ok"] and p["tcp_ok"], f"bad checksum after {how} REDIRECT: {p}"
+    for p in to_c:
+        assert p["src"] == vip and p["src_mac"] == b.mac
+        assert p["ip_ok"] and p["tcp_ok"], f"bad checksum after {how} SNAT: {p}"
+    assert not any(p["rst"] for p in to_b + to_c)
+    return len(to_b)
+
+
 # --- BLOCK / PASS / unknown flows -------------------------------------------------------------
 def test_block_drops_client_retransmits_no_rst_and_remove_restores(
     lab: Lab, dp_f: Datapath
@@ -272,35 +312,16 @@ def test_redirect_and_snat_deliver_with_valid_checksums(
     dp_f.redirect(flow_f, Redirect(handoff, mac=b.mac))
     dp_b.snat(flow_b, vip)
     try:
-        s = connect(c, client, vip)
-        conn, peer = srv.accept()
-        assert Endpoint(ipaddress.ip_address(peer[0]), peer[1]) == client
-        assert s.getpeername()[:2] == vip.sockaddr()
-        t = threading.Thread(target=echo_until_eof, args=(conn,))
-        t.start()
-        s.sendall(PAYLOAD)
-        s.shutdown(socket.SHUT_WR)
-        assert recv_exactly(s, len(PAYLOAD) + 1) == PAYLOAD, "echo through DSR not byte-exact"
-        t.join(DEADLINE_S)
-        s.close()
+        echo_via(c, srv, client, vip, PAYLOAD)
         wait_closed(b, handoff)
     finally:
         dp_f.remove(flow_f)
         dp_b.remove(flow_b)
         srv.close()
-    to_b = [p for p in cap_b.tcp_frames() if p["src"] == client]
-    to_c = [p for p in cap_c.tcp_frames() if p["dst"] == client]
-    assert len(to_b) >= 10 and len(to_c) >= 10
-    for p in to_b:  # REDIRECT rewrote dst MAC/IP/port and src MAC
-        assert p["dst"] == handoff and p["dst_mac"] == b.mac and p["src_mac"] == f.mac
-        assert p["ip_ok"] and p["tcp_ok"], f"bad checksum after REDIRECT: {p}"
-    for p in to_c:  # SNAT made the backend's replies come from the VIP
-        assert p["src"] == vip and p["src_mac"] == b.mac
-        assert p["ip_ok"] and p["tcp_ok"], f"bad checksum after SNAT: {p}"
-    assert not any(p["rst"] for p in to_b + to_c)
+    redirected = assert_dsr_frames(cap_b, cap_c, flow_b, vip, f, b, "eBPF")
     assert rsts(c, f, b) == before_rst
     after_f, after_b = dp_f.counters(), dp_b.counters()
-    assert after_f["redirected"] - before_f["redirected"] >= len(to_b)
+    assert after_f["redirected"] - before_f["redirected"] >= redirected
     assert after_b["snatted"] - before_b["snatted"] >= 1
     assert after_f["errors"] == before_f["errors"] and after_b["errors"] == before_b["errors"]
 
@@ -333,16 +354,7 @@ def test_redirect_and_snat_with_offloads_on(
     dp_f.redirect(flow_f, Redirect(handoff, mac=b.mac))
     dp_b.snat(flow_b, vip)
     try:
-        s = connect(c, client, vip)
-        conn, _ = srv.accept()
-        t = threading.Thread(target=echo_until_eof, args=(conn,))
-        t.start()
-        data = PAYLOAD * 8
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        assert recv_exactly(s, len(data) + 1) == data
-        t.join(DEADLINE_S)
-        s.close()
+        echo_via(c, srv, client, vip, PAYLOAD * 8)
         wait_closed(b, handoff)
     finally:
         dp_f.remove(flow_f)
@@ -450,34 +462,59 @@ def move_back(
     return home
 
 
+@dataclass
+class Live:
+    """A client connection the frontend app accepted on `flow`, to be moved to `handoff`."""
+
+    conn: socket.socket
+    flow: FlowKey
+    handoff: Endpoint
+    echoed: int = 0
+
+
+@contextlib.contextmanager
+def live_connection(
+    lab: Lab, dp_f: Datapath, dp_b: Datapath, family: int, offset: int
+) -> Iterator[Live]:
+    """The unmodified client streams LIVE_TOTAL bytes to VIP:VPORT+offset; f0's app accepts it
+    and the test echoes (`echoed` counts) and moves it to b0:HPORT+offset. Then: the client got
+    every byte back exactly, nothing was reset, no rule is left."""
+    c, f, b = lab.clients[0], lab.frontends[0], lab.backends[0]
+    vip = Endpoint(vip_of(lab, family), VPORT + offset)
+    handoff = Endpoint(ip_of(b, family), HPORT + offset)
+    srv = listen(f, vip)
+    before_rst = rsts(c, f, b)
+    client = start_client(c, vip, LIVE_TOTAL)
+    conn, _ = srv.accept()
+    live = Live(conn, inbound_flow(conn), handoff)
+    try:
+        yield live
+        out, _ = client.communicate(timeout=DEADLINE_S * 2)
+        wait_closed(b, handoff)
+        wait_closed(f, vip)
+    finally:
+        if client.poll() is None:  # the test failed first: leave no client behind
+            client.kill()
+            client.wait()
+        dp_f.remove(live.flow)
+        dp_b.remove(FlowKey(live.flow.client, handoff))
+        srv.close()
+    assert json.loads(out) == {"sent": LIVE_TOTAL, "received": LIVE_TOTAL, "exact": True}
+    assert client.returncode == 0 and live.echoed == LIVE_TOTAL
+    assert rsts(c, f, b) == before_rst, "a move must not reset anything"
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_live_connection_moves_frontend_to_backend(
     lab: Lab, dp_f: Datapath, dp_b: Datapath, family: int
 ) -> None:
     """BLOCK -> capture -> restore on b0:hport -> SNAT + REDIRECT; unmodified client."""
-    c, f, b = lab.clients[0], lab.frontends[0], lab.backends[0]
-    vip = Endpoint(vip_of(lab, family), VPORT + 4)
-    handoff = Endpoint(ip_of(b, family), HPORT + 4)
-    srv = listen(f, vip)
-    before_rst = rsts(c, f, b)
-    total = 400_000
-    client = start_client(c, vip, total)
-    conn, _ = srv.accept()
-    flow = inbound_flow(conn)
-    assert flow.vip == vip
-    try:
-        echoed = echo_some(conn, total // 4)  # the frontend app serves a while, then hands over
-        moved = move_to_backend(lab, dp_f, dp_b, conn, handoff)
-        echoed += echo_until_eof(moved)
-        out, _ = client.communicate(timeout=DEADLINE_S * 2)
-        wait_closed(b, handoff)
-    finally:
-        dp_f.remove(flow)
-        dp_b.remove(FlowKey(flow.client, handoff))
-        srv.close()
-    assert json.loads(out) == {"sent": total, "received": total, "exact": True}
-    assert client.returncode == 0 and echoed == total
-    assert rsts(c, f, b) == before_rst, "the move must not reset anything"
+    with live_connection(lab, dp_f, dp_b, family, 4) as live:
+        assert live.flow.vip == Endpoint(vip_of(lab, family), VPORT + 4)
+        # the frontend app serves a while, then hands over
+        live.echoed = echo_some(live.conn, LIVE_TOTAL // 4)
+        moved = move_to_backend(lab, dp_f, dp_b, live.conn, live.handoff)
+        live.echoed += echo_until_eof(moved)
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -485,31 +522,13 @@ def test_live_connection_goes_to_backend_and_back(
     lab: Lab, dp_f: Datapath, dp_b: Datapath, family: int
 ) -> None:
     """F -> B -> F mid-stream: the return path blocks on the backend's ingress key."""
-    c, f, b = lab.clients[0], lab.frontends[0], lab.backends[0]
-    vip = Endpoint(vip_of(lab, family), VPORT + 7)
-    handoff = Endpoint(ip_of(b, family), HPORT + 7)
-    srv = listen(f, vip)
-    before_rst = rsts(c, f, b)
-    total = 400_000
-    client = start_client(c, vip, total)
-    conn, _ = srv.accept()
-    flow = inbound_flow(conn)
-    try:
-        echoed = echo_some(conn, total // 4)
-        moved = move_to_backend(lab, dp_f, dp_b, conn, handoff)
-        echoed += echo_some(moved, total // 4)
-        home = move_back(lab, dp_f, dp_b, moved, vip)
-        assert inbound_flow(home) == flow
-        echoed += echo_until_eof(home)
-        out, _ = client.communicate(timeout=DEADLINE_S * 2)
-        wait_closed(f, vip)
-    finally:
-        dp_f.remove(flow)
-        dp_b.remove(FlowKey(flow.client, handoff))
-        srv.close()
-    assert json.loads(out) == {"sent": total, "received": total, "exact": True}
-    assert client.returncode == 0 and echoed == total
-    assert rsts(c, f, b) == before_rst, "neither move may reset anything"
+    with live_connection(lab, dp_f, dp_b, family, 7) as live:
+        live.echoed = echo_some(live.conn, LIVE_TOTAL // 4)
+        moved = move_to_backend(lab, dp_f, dp_b, live.conn, live.handoff)
+        live.echoed += echo_some(moved, LIVE_TOTAL // 4)
+        home = move_back(lab, dp_f, dp_b, moved, live.flow.vip)
+        assert inbound_flow(home) == live.flow
+        live.echoed += echo_until_eof(home)
 
 
 # --- restart, detach, bad input ---------------------------------------------------------------

@@ -4,22 +4,11 @@ the redirected connection stays byte-exact with no RST."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
-from test_datapath import (
-    PAYLOAD,
-    connect,
-    echo_until_eof,
-    listen,
-    recv_exactly,
-    rsts,
-    wait_closed,
-)
+from test_datapath import PAYLOAD, echo_via, listen, rsts, wait_closed
 
 from xo.datapath import Datapath, Redirect
 from xo.flow import Endpoint, FlowKey
@@ -60,16 +49,7 @@ def test_queue_fails_once_and_the_flow_stays_on_ebpf(lab: Lab, caplog) -> None:
             states = [t.state for t in tickets if t]
             if RuleState.IN_SW in states or RuleState.IN_HW in states:
                 pytest.skip("this kernel has cls_flower: the no-flower path does not apply")
-            s = connect(c, flows[0].client, vip)
-            conn, peer = srv.accept()
-            assert ipaddress.ip_address(peer[0]) == c.ip4
-            t = threading.Thread(target=echo_until_eof, args=(conn,))
-            t.start()
-            s.sendall(PAYLOAD)
-            s.shutdown(socket.SHUT_WR)
-            assert recv_exactly(s, len(PAYLOAD) + 1) == PAYLOAD
-            t.join(WAIT_S)
-            s.close()
+            echo_via(c, srv, flows[0].client, vip, PAYLOAD)
             wait_closed(b, handoff)
             assert queue.end(flows[0]) is RuleState.FAILED
         finally:
