@@ -6,8 +6,7 @@ and name the step that failed, so a log line says what the kernel refused and wh
 
 from __future__ import annotations
 
-import errno as errno_codes
-import os
+from xo.syscall_error import KernelCallError
 
 
 class TcpError(Exception):
@@ -26,16 +25,8 @@ class QueueTooLargeError(TcpError, ValueError):
     """Queued bytes that do not fit the socket buffers (recorded in the state, or granted)."""
 
 
-class SyscallError(TcpError, OSError):
+class SyscallError(TcpError, KernelCallError):
     """A socket call failed; `step` names the recipe step, `errno` is the kernel's answer."""
-
-    def __init__(self, step: str, err: int, detail: str = "") -> None:
-        self.step = step
-        text = f"{step}: {os.strerror(err)} ({errno_codes.errorcode.get(err, err)})"
-        OSError.__init__(self, err, text + (f": {detail}" if detail else ""))
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 class NotEstablishedError(TcpError):

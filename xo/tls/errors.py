@@ -6,8 +6,7 @@ it locally. Its `reason` is a stable short word for stats and logs; the message 
 
 from __future__ import annotations
 
-import errno as errno_codes
-import os
+from xo.syscall_error import KernelCallError
 
 
 class TlsError(Exception):
@@ -22,16 +21,8 @@ class TlsStateVersionError(TlsStateError):
     """A TlsState layout version this code does not know."""
 
 
-class TlsKernelError(TlsError, OSError):
+class TlsKernelError(TlsError, KernelCallError):
     """A SOL_TLS / TCP_ULP socket call failed; `step` names it, `errno` is the kernel's answer."""
-
-    def __init__(self, step: str, err: int, detail: str = "") -> None:
-        self.step = step
-        text = f"{step}: {os.strerror(err)} ({errno_codes.errorcode.get(err, err)})"
-        OSError.__init__(self, err, text + (f": {detail}" if detail else ""))
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 class TlsUnsupportedError(TlsKernelError):
