@@ -130,10 +130,12 @@ def move_once(
         tcp.release(conn)
         dp_b.snat(FlowKey(flow.client, handoff), vip)
         with b.enter():
-            moved = tcp.restore(state, local=handoff)
+            # As the agent does: no window probe into a path that is still frozen.
+            moved = tcp.restore(state, local=handoff, probe=False)
         dp_f.redirect(flow, Redirect(handoff, mac=b.mac))
         t2 = time.perf_counter_ns()
         freezer.thaw(flow)
+        tcp.nudge(moved)
         t3 = time.perf_counter_ns()
     moved.settimeout(CONNECT_TIMEOUT_S)
     _round_trip(client, moved)
