@@ -275,15 +275,16 @@ class AgentClient:
                 with self._send_lock:
                     framing.send(sock, msg, fd)
             except OSError as e:  # a frame cut short is dropped by the agent unread
-                raise AgentUnavailable(f"the agent at {self.path} went away ({e}): {key[0]} "
-                                       "was not sent, the socket is still yours") from None
+                raise AgentUnavailable(f"the agent at {self.path} went away ({e}): the "
+                                       f"{_request(key)} was not sent, the socket is still "
+                                       "yours") from None
             try:
                 got = box.get(timeout=self.timeout)
             except queue.Empty:
                 raise AgentError(f"agent did not answer {key[0]} within {self.timeout}s") from None
             if got is None:
-                raise AgentError(f"the agent at {self.path} went away before answering "
-                                 f"{key[0]}: its outcome is unknown")
+                raise AgentError(f"the agent at {self.path} went away before answering the "
+                                 f"{_request(key)}: its outcome is unknown")
             return got
         finally:
             with self._link_lock:
@@ -373,6 +374,11 @@ class AgentClient:
                 c.sock.close()
         os.close(self._wake_w)
         os.close(self._wake_r)
+
+
+def _request(key: _Key) -> str:
+    """'offload' / 'give_back': the request a reply key answers (for messages)."""
+    return key[0].removesuffix("_result")
 
 
 def _drain(fd: int) -> None:

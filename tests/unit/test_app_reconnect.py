@@ -188,7 +188,7 @@ def test_call_in_flight_fails_at_once_when_the_agent_goes(agent: GivingBackAgent
     a, b = socket.socketpair()
     try:
         t0 = time.monotonic()
-        with pytest.raises(AgentError, match="before answering offload_result: its outcome "
+        with pytest.raises(AgentError, match="before answering the offload: its outcome "
                                              "is unknown") as e:
             app.offload(a, "vanish")
         assert not isinstance(e.value, AgentUnavailable)  # it was sent: outcome unknown
