@@ -201,7 +201,8 @@ class LocalServer:
                 await asyncio.sleep(APP_POLL_S)
                 try:
                     await self._accepting(app).send(msg, sock.fileno() if sock else None)
-                    log.info("%s: delivered to app %r after it reconnected", _what(msg), app or "(any)")
+                    log.info("%s: delivered to app %r after it reconnected", _what(msg),
+                             app or "(any)")
                     return
                 except (NoApp, OSError) as e:
                     if loop.time() > deadline:
