@@ -6,35 +6,39 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import http.client
+import json
 import os
 import queue
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from bcc.libbcc import lib as bcc_lib  # type: ignore[import-untyped]
+from lab_kit import delta as delta  # re-exported: the offload tests take them from here
+from lab_kit import rst_counts as rst_counts
 
 from xo.agent.labkit import LabAgents
 from xo.app import AgentError, Connection, Server
 from xo.datapath.datapath import default_pin_dir
 from xo.datapath.layout import FlowKeyStruct
-from xo.httpapp import HTTP_PORT, body, listener
+from xo.httpapp import HTTP_PORT, body, listener, response
 from xo.lab import Host, Lab
 
 ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
 ETH_HLEN = 14
-RST_COUNTERS = (
-    "TcpOutRsts",
-    "TcpExtTCPAbortOnData",
-    "TcpExtTCPAbortOnClose",
-    "TcpExtTCPAbortOnTimeout",
-)
-# ESTABLISHED -> CLOSED transitions: on the client a reset connection; on the servers every
-# socket closed in repair mode (a handoff) counts too, though it sends nothing.
-CLIENT_ONLY = ("TcpEstabResets",)
+TCP_RST = 0x04
+FRAME_MAX = 65535
+POLL_S = 0.1  # how often a sniffer thread looks whether it should stop
+CAPTURE_RCVBUF = 1 << 24  # PortCapture must not drop payload under a burst
+RST_HISTORY = 12  # frames of a flow shown before its RST
+STATUS_TIMEOUT_S = 30
 
 
 def pinned_flows(h: Host) -> int:
@@ -66,19 +70,6 @@ def wait_settled(lab: Lab, timeout: float = 20.0) -> dict[str, int]:
         time.sleep(0.05)
 
 
-def rst_counts(*hosts: Host) -> dict[str, int]:
-    out = {}
-    for h in hosts:
-        st = h.nstat()
-        for c in RST_COUNTERS + (CLIENT_ONLY if h.name.startswith("c") else ()):
-            out[f"{h.name}.{c}"] = st.get(c, 0)
-    return out
-
-
-def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
-
-
 class Client:
     """http.client (unmodified, keep-alive) in the client's namespace."""
 
@@ -102,101 +93,106 @@ class Client:
         self.conn.close()
 
 
-class PortCapture:
-    """AF_PACKET on a host's eth0: TCP payload of IPv4 frames from port `port`."""
+class Sniffer:
+    """AF_PACKET on the hosts' eth0 (both directions), one thread each, until stop(): every
+    IPv4 TCP frame goes to `frame(host name, ip header, tcp header and payload)`."""
 
-    def __init__(self, h: Host, port: int) -> None:
-        with h.enter():
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-            self.sock.bind((h.ifname, 0))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24)
-        self.sock.settimeout(0.1)
-        self.port = port
-        self.payload = bytearray()
+    def __init__(self, *hosts: Host, rcvbuf: int | None = None) -> None:
+        self._socks = []
+        for h in hosts:
+            with h.enter():
+                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+                s.bind((h.ifname, 0))
+            if rcvbuf is not None:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            s.settimeout(POLL_S)
+            self._socks.append((h.name, s))
         self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
+        self._threads = [
+            threading.Thread(target=self._run, args=(n, s), daemon=True) for n, s in self._socks
+        ]
+        for t in self._threads:
+            t.start()
 
-    def _run(self) -> None:
+    def frame(self, host: str, ip: bytes, tcp: bytes) -> None:
+        raise NotImplementedError
+
+    def _run(self, name: str, s: socket.socket) -> None:
         while not self._stop.is_set():
             try:
-                frame = self.sock.recv(65535)
+                frame = s.recv(FRAME_MAX)
             except TimeoutError:
                 continue
-            if struct.unpack("!H", frame[12:14])[0] != 0x0800:
+            except OSError:  # the lab's links went away under us: nothing more to see
+                return
+            if struct.unpack("!H", frame[12:14])[0] != ETH_P_IP:
                 continue
             ip = frame[ETH_HLEN:]
             if ip[9] != socket.IPPROTO_TCP:
                 continue
-            ihl = (ip[0] & 0x0F) * 4
             total = struct.unpack("!H", ip[2:4])[0]
-            tcp = ip[ihl:total]
-            if struct.unpack("!H", tcp[0:2])[0] != self.port:
-                continue
+            self.frame(name, ip, ip[(ip[0] & 0x0F) * 4 : total])
+
+    def stop_sniffing(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        for _, s in self._socks:
+            s.close()
+
+
+class PortCapture(Sniffer):
+    """TCP payload of the IPv4 frames from port `port` on a host's eth0."""
+
+    def __init__(self, h: Host, port: int) -> None:
+        self.port = port
+        self.payload = bytearray()
+        super().__init__(h, rcvbuf=CAPTURE_RCVBUF)
+
+    def frame(self, host: str, ip: bytes, tcp: bytes) -> None:
+        if struct.unpack("!H", tcp[0:2])[0] == self.port:
             self.payload += tcp[(tcp[12] >> 4) * 4 :]
 
     def stop(self) -> bytes:
-        self._stop.set()
-        self._t.join()
-        self.sock.close()
+        self.stop_sniffing()
         return bytes(self.payload)
 
 
-class RstSniffer:
+class RstSniffer(Sniffer):
     """Records every RST frame seen on the hosts' eth0 (for telling which flow it was)."""
 
     def __init__(self, client: Host, *hosts: Host) -> None:
         self.client = str(client.ip4)
         self.seen: list[str] = []
         self._hist: dict[tuple[str, int], list[str]] = {}
-        self._socks = []
-        for h in hosts:
-            with h.enter():
-                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-                s.bind((h.ifname, 0))
-            s.settimeout(0.1)
-            self._socks.append((h.name, s))
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(n, s), daemon=True)
-                         for n, s in self._socks]
-        for t in self._threads:
-            t.start()
+        super().__init__(*hosts)
 
-    def _run(self, name: str, s: socket.socket) -> None:
-        while not self._stop.is_set():
-            try:
-                frame = s.recv(65535)
-            except TimeoutError:
-                continue
-            except OSError:  # the lab's links went away under us: nothing more to see
-                return
-            if struct.unpack("!H", frame[12:14])[0] != 0x0800:
-                continue
-            ip = frame[ETH_HLEN:]
-            if ip[9] != socket.IPPROTO_TCP:
-                continue
-            tcp = ip[(ip[0] & 0x0F) * 4 :]
-            src, dst = socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])
-            sport, dport, seq, ack = struct.unpack("!HHII", tcp[:12])
-            total = struct.unpack("!H", ip[2:4])[0]
-            plen = total - (ip[0] & 0x0F) * 4 - (tcp[12] >> 4) * 4
-            line = (f"{time.monotonic():.6f} {name}: {src}:{sport} -> {dst}:{dport} "
-                    f"flags={tcp[13]:#x} seq={seq} ack={ack} len={plen}")
-            # the client's port names the flow (the client sends from it, is sent to it)
-            key = sport if src == self.client else dport
-            hist = self._hist.setdefault((name, key), [])
-            hist.append(line)
-            del hist[:-12]
-            if tcp[13] & 0x04:
-                self.seen.append("\n".join(hist))
+    def frame(self, host: str, ip: bytes, tcp: bytes) -> None:
+        src, dst = socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])
+        sport, dport, seq, ack = struct.unpack("!HHII", tcp[:12])
+        plen = len(tcp) - (tcp[12] >> 4) * 4
+        line = (f"{time.monotonic():.6f} {host}: {src}:{sport} -> {dst}:{dport} "
+                f"flags={tcp[13]:#x} seq={seq} ack={ack} len={plen}")
+        # the client's port names the flow (the client sends from it, is sent to it)
+        key = sport if src == self.client else dport
+        hist = self._hist.setdefault((host, key), [])
+        hist.append(line)
+        del hist[:-RST_HISTORY]
+        if tcp[13] & TCP_RST:
+            self.seen.append("\n".join(hist))
 
     def stop(self) -> list[str]:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-        for _, s in self._socks:
-            s.close()
+        self.stop_sniffing()
         return self.seen
+
+
+def agent_status(agents: LabAgents, h: Host) -> dict[str, Any]:
+    """`xo status --json` of the agent of `h`, exactly as an operator runs it."""
+    out = subprocess.run([sys.executable, "-m", "xo.cli", "status", "-s",
+                          agents.socket_path(h), "--json"],
+                         check=True, capture_output=True, text=True, timeout=STATUS_TIMEOUT_S)
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
 
 
 def agent_warnings(agents: LabAgents, limit: int = 30) -> str:
@@ -231,6 +227,7 @@ class Holder:
     """A target app that keeps each handed-in connection until the test acts on it."""
 
     def __init__(self, h: Host, agents: LabAgents, port: int = HTTP_PORT + 1) -> None:
+        self.name = h.name
         self.server = Server(listener(h, str(h.ip4), port), agents.socket_path(h), "http")
         self.got: queue.Queue[Connection] = queue.Queue()
         self._stop = threading.Event()
@@ -248,6 +245,15 @@ class Holder:
 
     def take(self) -> Connection:
         return self.got.get(timeout=10)
+
+    def serve_and_give_back(self, conn: Connection, client: Client, size: int) -> None:
+        """Answer the client's pending request from here (`size` bytes, byte-exact at the
+        client), then give the connection back to its owner."""
+        assert conn.sock is not None
+        conn.sock.sendall(response(size, self.name, True))
+        assert client.conn.getresponse().read() == body(size)
+        self.server.give_back(conn.sock, conn.handoff_id)
+        conn.sock.close()
 
     def close(self) -> None:
         if self._stop.is_set():

@@ -15,7 +15,6 @@ from offload_kit import (
     RstSniffer,
     agent_warnings,
     delta,
-    lab_with_agents,
     pinned_flows,
     rst_counts,
     wait_settled,
@@ -31,12 +30,6 @@ pytestmark = pytest.mark.net
 SMALL = 1000
 LARGE = 300_000
 ROUNDS = 3
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, LabAgents]]:
-    with lab_with_agents(tmp_path_factory.mktemp("agents")) as env:
-        yield env
 
 
 @pytest.fixture(autouse=True)

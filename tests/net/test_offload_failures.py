@@ -50,12 +50,6 @@ DEAD_HOST_NFT = (f"table inet {DEAD_HOST_TABLE} {{\n chain input {{\n"
                  "  type filter hook input priority 0; policy drop;\n }\n}\n")
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, LabAgents]]:
-    with lab_with_agents(tmp_path_factory.mktemp("agents")) as env:
-        yield env
-
-
 @pytest.fixture(autouse=True)
 def no_leaks(env: tuple[Lab, LabAgents]) -> Iterator[None]:
     yield
@@ -188,12 +182,7 @@ def test_owner_restart_reconciles_and_takes_the_flow_back(env: tuple[Lab, LabAge
         assert pinned_flows(f) == 1
         fe = Frontend(Server(listener(f, str(lab.vip4), HTTP_PORT + 2),
                              agents.socket_path(f), "http"), f.name, [], small=LARGE).start()
-        assert conn.sock is not None
-        conn.sock.sendall(response(LARGE, "b0", True))
-        r = client.conn.getresponse()
-        assert r.read() == body(LARGE)
-        holder.server.give_back(conn.sock, conn.handoff_id)
-        conn.sock.close()
+        holder.serve_and_give_back(conn, client, LARGE)
         # served by the new frontend app on the same connection, byte-exact
         assert client.get(SMALL)[0] == "f0"
         client.close()
@@ -354,11 +343,7 @@ def test_full_flow_table_refuses_the_offload_and_the_app_serves(
             assert fe.stats.refused == 1
             assert any("flow table" in r.getMessage() and "full" in r.getMessage()
                        for r in caplog.records), [r.getMessage() for r in caplog.records]
-            assert conn.sock is not None
-            conn.sock.sendall(response(LARGE, "b0", True))
-            assert first.conn.getresponse().read() == body(LARGE)
-            holder.server.give_back(conn.sock, conn.handoff_id)
-            conn.sock.close()
+            holder.serve_and_give_back(conn, first, LARGE)
             assert first.get(SMALL)[0] == "f0"  # back on the frontend, same connection
             first.close()
             assert wait_settled(lab) == {}

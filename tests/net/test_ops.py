@@ -5,21 +5,17 @@ counters and histograms moving with real handoffs and a real refusal."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-import subprocess
-import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from offload_kit import (
     Client,
     Holder,
+    agent_status,
     delta,
-    lab_with_agents,
     pinned_flows,
     rst_counts,
     wait_settled,
@@ -33,36 +29,22 @@ from xo.lab import Host, Lab
 
 pytestmark = pytest.mark.net
 
+AGENT_BACKENDS = 1
 SMALL = 1000
 LARGE = 400_000
 METRICS = "127.0.0.1:9464"  # loopback inside each agent's own namespace
 ROUNDS = 3
 
 
-def _with_metrics(agents: LabAgents) -> None:
+def prepare_agents(agents: LabAgents) -> None:
     for path in agents.configs.values():
         path.write_text(dumps(dataclasses.replace(load(path), metrics=METRICS)))
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, LabAgents]]:
-    with lab_with_agents(tmp_path_factory.mktemp("agents"), 1, _with_metrics) as env:
-        yield env
 
 
 @pytest.fixture(autouse=True)
 def no_leaks(env: tuple[Lab, LabAgents]) -> Iterator[None]:
     yield
     assert wait_settled(env[0]) == {}, "flow entries left behind"
-
-
-def status(agents: LabAgents, h: Host) -> dict[str, Any]:
-    """`xo status --json` exactly as an operator runs it."""
-    out = subprocess.run([sys.executable, "-m", "xo.cli", "status", "-s",
-                          agents.socket_path(h), "--json"],
-                         check=True, capture_output=True, text=True, timeout=30)
-    doc: dict[str, Any] = json.loads(out.stdout)
-    return doc
 
 
 def scrape(h: Host) -> dict[str, float]:
@@ -92,7 +74,7 @@ def test_status_json_matches_the_lab(env: tuple[Lab, LabAgents]) -> None:
         client_ep = "{}:{}".format(*client.conn.sock.getsockname())
         target_ep = "{}:{}".format(*conn.sock.getsockname())
 
-        fs, bs = status(agents, f), status(agents, b0)
+        fs, bs = agent_status(agents, f), agent_status(agents, b0)
         assert [x["role"] for x in fs["flows"]] == ["owner"]
         assert [x["role"] for x in bs["flows"]] == ["target"]
         own, tgt = fs["flows"][0], bs["flows"][0]
@@ -120,7 +102,7 @@ def test_status_json_matches_the_lab(env: tuple[Lab, LabAgents]) -> None:
         r = client.conn.getresponse()
         assert r.read() == body(LARGE)
         sender.join()
-        bs2, fs2 = status(agents, b0), status(agents, f)
+        bs2, fs2 = agent_status(agents, b0), agent_status(agents, f)
         sent = bs2["flows"][0]["bytes"] - tgt["bytes"]
         assert LARGE < sent < 2 * LARGE, f"SNAT entry counted {sent} bytes for a {LARGE} body"
         assert fs2["flows"][0]["packets"] > own["packets"]  # the client's ACKs, redirected
@@ -130,7 +112,7 @@ def test_status_json_matches_the_lab(env: tuple[Lab, LabAgents]) -> None:
         conn.sock.close()
         assert client.get(SMALL)[0] == f.name  # back on f0, same connection
         assert wait_settled(lab) == {}
-        assert status(agents, f)["flows"] == [] and status(agents, b0)["flows"] == []
+        assert agent_status(agents, f)["flows"] == [] and agent_status(agents, b0)["flows"] == []
         assert delta(before, rst_counts(c, f, b0)) == {}
     finally:
         client.close()
@@ -170,7 +152,7 @@ def test_metrics_scrape_shows_counters_moving(env: tuple[Lab, LabAgents]) -> Non
     assert _get(bm, ok % "give_back") - _get(b_before, ok % "give_back") == ROUNDS
     refused = 'xo_operations_total{op="offload",result="REFUSED"}'
     assert _get(fm, refused) - _get(f_before, refused) == 1
-    assert status(agents, f)["refusals"]["offload/REFUSED"] >= 1
+    assert agent_status(agents, f)["refusals"]["offload/REFUSED"] >= 1
 
     # Histograms: every phase of each offload observed once, buckets cumulative.
     for phase in ("block", "capture", "handoff_rpc", "redirect", "release", "ready"):

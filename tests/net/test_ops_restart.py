@@ -8,19 +8,14 @@ target its source rewrite."""
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from offload_kit import Client, delta, lab_with_agents, rst_counts, wait_settled
+from offload_kit import TCP_RST, Client, Sniffer, agent_status, delta, rst_counts, wait_settled
 
 from xo.agent.labkit import LabAgents
 from xo.app import AgentClient, Kind, Server
@@ -29,6 +24,7 @@ from xo.lab import Host, Lab
 
 pytestmark = pytest.mark.net
 
+AGENT_BACKENDS = 1
 SMALL = 1000
 LENGTH = 24 * 1024 * 1024  # the long transfer
 TRICKLE_CHUNK = 4 * 1024  # ~200 KB/s: 24 MiB would take two minutes at this pace
@@ -39,33 +35,14 @@ HOLDER_PORT = HTTP_PORT + 1
 FRONT_PORT2 = HTTP_PORT + 2
 TRANSFER_TIMEOUT_S = 120
 QUIET_S = 0.3  # > the client's delayed ACK (40 ms) and the lab's RTT, many times over
-ETH_P_ALL = 0x0003
-ETH_P_IP = 0x0800
-ETH_HLEN = 14
-TCP_RST = 0x04
 # The servers' own RST counters are not the flow's: while an agent is down its host refuses
 # connects to the agent port (gRPC reconnects, the owner's liveness probe), and a killed agent's
 # gRPC sockets close with unread data. So the client's counters are checked by nstat, and RSTs
 # of the client's flow on either side by a capture at the client.
 
 
-def _keep_datapath(agents: LabAgents) -> None:
+def prepare_agents(agents: LabAgents) -> None:
     agents.detach_on_exit = False  # SIGTERM must keep the datapath, as in production
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, LabAgents]]:
-    # The lab's teardown unpins the maps of its namespaces.
-    with lab_with_agents(tmp_path_factory.mktemp("agents"), 1, _keep_datapath) as env:
-        yield env
-
-
-def status(agents: LabAgents, h: Host) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "xo.cli", "status", "-s",
-                          agents.socket_path(h), "--json"],
-                         check=True, capture_output=True, text=True, timeout=30)
-    doc: dict[str, Any] = json.loads(out.stdout)
-    return doc
 
 
 def restart(agents: LabAgents, h: Host, how: str) -> None:
@@ -73,36 +50,20 @@ def restart(agents: LabAgents, h: Host, how: str) -> None:
     agents.start(h)
 
 
-class RstCapture:
+class RstCapture(Sniffer):
     """Counts TCP RST segments of one client port on the client's eth0 (both directions)."""
 
     def __init__(self, h: Host, port: int) -> None:
-        with h.enter():
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-            self.sock.bind((h.ifname, 0))
-        self.sock.settimeout(0.1)
         self.port, self.rsts, self.segments = port, 0, 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
+        super().__init__(h)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                frame = self.sock.recv(65535)
-            except TimeoutError:
-                continue
-            if struct.unpack("!H", frame[12:14])[0] != ETH_P_IP or frame[ETH_HLEN + 9] != 6:
-                continue
-            tcp = frame[ETH_HLEN + (frame[ETH_HLEN] & 0x0F) * 4 :]
-            if self.port in struct.unpack("!HH", tcp[:4]):
-                self.segments += 1
-                self.rsts += bool(tcp[13] & TCP_RST)
+    def frame(self, host: str, ip: bytes, tcp: bytes) -> None:
+        if self.port in struct.unpack("!HH", tcp[:4]):
+            self.segments += 1
+            self.rsts += bool(tcp[13] & TCP_RST)
 
     def stop(self) -> int:
-        self._stop.set()
-        self._t.join()
-        self.sock.close()
+        self.stop_sniffing()
         return self.rsts
 
 
@@ -114,7 +75,7 @@ def quiet_counts(agents: LabAgents, lab: Lab, sender: Sender) -> dict[str, int]:
     time.sleep(QUIET_S)
     try:
         st = c.nstat()
-        (own,), (hosted,) = status(agents, f)["flows"], status(agents, b0)["flows"]
+        (own,), (hosted,) = agent_status(agents, f)["flows"], agent_status(agents, b0)["flows"]
         return {"c0_sent": st.get("TcpOutSegs", 0) + st.get("TcpRetransSegs", 0),
                 "f0_redirected": own["packets"], "b0_sent": hosted["packets"]}
     finally:
@@ -193,7 +154,7 @@ def test_restarting_both_agents_mid_transfer_loses_nothing(env: tuple[Lab, LabAg
         assert sender.error is None, sender.error
         assert sender.is_alive(), "the transfer ended before the restarts: not mid-transfer"
         # Both agents came back holding the flow, read from the pinned maps.
-        fs, bs = status(agents, f), status(agents, b0)
+        fs, bs = agent_status(agents, f), agent_status(agents, b0)
         assert fs["reattached"] and bs["reattached"]
         assert [(x["role"], x["ebpf_rule"], x["state"]) for x in fs["flows"]] == [
             ("owner", "redirect", "offloaded")]
