@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from xo.hwrules.netdevsim import Netdevsim
+from xo.lab import Lab
 
 NETDEVSIM_ID = 7  # bus device id of the test device; arbitrary but unique within the VM
 
@@ -43,6 +44,19 @@ def require_module() -> Callable[[str], None]:
     return _require_module
 
 
+@pytest.fixture
+def ktls() -> None:
+    """For `pytest.mark.usefixtures("ktls")`: skip unless the kernel has kTLS (module tls)."""
+    _require_module("tls")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    """A lab with one client, one frontend and one backend, shared by a module's tests."""
+    with Lab(clients=1, frontends=1, backends=1) as lab:
+        yield lab
+
+
 @pytest.fixture(scope="session")
 def netdevsim_dir() -> Path:
     """Directory with stock/netdevsim.ko and flower/netdevsim.ko (scripts/netdevsim/build.sh)."""
@@ -52,25 +66,24 @@ def netdevsim_dir() -> Path:
     return Path(value)
 
 
-@pytest.fixture
-def netdevsim_stock(netdevsim_dir: Path) -> Iterator[Netdevsim]:
-    """A device of the unmodified module: it refuses flower offload."""
+def _netdevsim(netdevsim_dir: Path, build: str) -> Iterator[Netdevsim]:
+    """A loaded device of one build of the module (a subdirectory of netdevsim_dir)."""
     _require_module("psample")
-    dev = Netdevsim(netdevsim_dir / "stock" / "netdevsim.ko", NETDEVSIM_ID)
+    dev = Netdevsim(netdevsim_dir / build / "netdevsim.ko", NETDEVSIM_ID)
     dev.load()
     try:
         yield dev
     finally:
         dev.unload()
+
+
+@pytest.fixture
+def netdevsim_stock(netdevsim_dir: Path) -> Iterator[Netdevsim]:
+    """A device of the unmodified module: it refuses flower offload."""
+    yield from _netdevsim(netdevsim_dir, "stock")
 
 
 @pytest.fixture
 def netdevsim_flower(netdevsim_dir: Path) -> Iterator[Netdevsim]:
     """A device of the patched module: skip_sw flower rules report in_hw (control plane only)."""
-    _require_module("psample")
-    dev = Netdevsim(netdevsim_dir / "flower" / "netdevsim.ko", NETDEVSIM_ID)
-    dev.load()
-    try:
-        yield dev
-    finally:
-        dev.unload()
+    yield from _netdevsim(netdevsim_dir, "flower")

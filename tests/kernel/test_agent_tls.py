@@ -5,8 +5,9 @@ app on f0 terminates TLS (user-space handshake, then kTLS: xo.tls.TlsFrontend) a
 request 0; it offloads the connection with request 1 as preread; the backend app on b0 gets the
 restored kTLS socket from its agent, serves requests 1 and 2 through the kernel, reads request 3
 and gives the connection back with it; f0 serves request 3. The client is Python's ssl module,
-unmodified, one TLS session throughout. Checked: byte-exact bodies, who served each request,
-zero RST counted in every namespace, no flow entry left in either agent's map.
+unmodified, one TLS session throughout, for every TLS 1.2 cipher kTLS implements and for TLS
+1.3. Checked: byte-exact bodies, who served each request, the negotiated cipher, zero RST
+counted in every namespace, no flow entry left in either agent's map.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from lab_kit import assert_no_resets, rst_counts
 from test_tls_offload import (
     HOST,
     IO_TIMEOUT_S,
     PLAN,
     PORT,
     SETTLE_S,
-    _rsts,
+    TLS12,
     body,
     read_request,
     read_response,
@@ -39,7 +41,7 @@ from xo.pki import DevCA
 from xo.tls import ServerTls, TlsFrontend, recv, send_close_notify
 from xo.v1 import offload_pb2
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("ktls")]
 
 APP = "tls"
 BACK_LISTEN_PORT = 8443  # the backend app's own listener (unused by the test's client)
@@ -51,15 +53,16 @@ LOG_LINES = 25
 OFFLOAD_ATTEMPTS = 5
 
 
-@pytest.fixture(autouse=True)
-def _needs_ktls(require_module: Callable[[str], None]) -> None:
-    require_module("tls")
+# Every TLS 1.2 cipher kTLS implements, and TLS 1.3 with the client's default suite.
+CASES = [("1.2", c) for c in TLS12] + [("1.3", "default")]
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[tuple[Lab, LabAgents]]:
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, LabAgents]]:
+    """One lab and one pair of agents for every case (agents take minutes to start here)."""
     with Lab(clients=1, frontends=1, backends=1) as lab:
-        agents = LabAgents(lab, tmp_path / "agents", verbose=True, start_timeout=AGENT_START_S)
+        agents = LabAgents(lab, tmp_path_factory.mktemp("agents"), verbose=True,
+                           start_timeout=AGENT_START_S)
         agents.start()
         try:
             yield lab, agents
@@ -165,19 +168,25 @@ def diagnose(apps: list[App], agents: LabAgents) -> str:
 
 
 @pytest.mark.timeout(TEST_TIMEOUT_S)
-def test_ktls_connection_moves_through_the_agents(env: tuple[Lab, LabAgents],
-                                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize(("version", "cipher"), CASES, ids=[c for _, c in CASES])
+def test_ktls_connection_moves_through_the_agents(env: tuple[Lab, LabAgents], tmp_path: Path,
+                                                  version: str, cipher: str) -> None:
     lab, agents = env
     c, f, b = lab.clients[0], lab.frontends[0], lab.backends[0]
     files = DevCA().write(tmp_path / "pki", HOST)
     front = TlsFrontend(ServerTls(files.cert, files.key, timeout=IO_TIMEOUT_S))
     assert front.ktls, front.no_ktls_reason
-    before = _rsts([c, f, b])
+    before = rst_counts(c, f, b)
     apps = [App(f, agents, (str(lab.vip4), PORT), frontend(front, b.name)),
             App(b, agents, (str(b.ip4), BACK_LISTEN_PORT), backend)]
     for a in apps:
         a.start()
     ctx = ssl.create_default_context(cafile=str(files.ca))
+    if version == "1.2":
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(cipher)
+    else:
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     with c.enter():
         raw = socket.create_connection((str(lab.vip4), PORT), timeout=CLIENT_TIMEOUT_S)
     try:
@@ -192,6 +201,8 @@ def test_ktls_connection_moves_through_the_agents(env: tuple[Lab, LabAgents],
             for i in range(len(PLAN)):
                 tls.sendall(request(i))
                 assert read_response(exact) == body(i), f"response {i} differs"
+            want = cipher if version == "1.2" else None
+            assert want is None or tls.cipher()[0] == want, tls.cipher()
             reader.close()
             tls.unwrap()  # close_notify both ways: the TLS session ended cleanly
     except (OSError, AssertionError) as e:
@@ -200,8 +211,6 @@ def test_ktls_connection_moves_through_the_agents(env: tuple[Lab, LabAgents],
         a.finish()
     assert [i for i, who in enumerate(PLAN) if who == f.name] == apps[0].served
     assert [i for i, who in enumerate(PLAN) if who == b.name] == apps[1].served
-    threading.Event().wait(SETTLE_S)
-    after = _rsts([c, f, b])
-    assert {k: after[k] - before[k] for k in after} == dict.fromkeys(after, 0)
+    assert_no_resets(before, c, f, b, settle=SETTLE_S)
     for h in (f, b):  # every rule went with its flow (map entries no record claims show too)
         assert list(status.query(agents.socket_path(h)).flows) == [], h.name

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
+from lab_kit import assert_no_resets, connect, recv_exact, rst_counts
 from tls_records import open_record, seal, split_records
 
 from xo import uapi
 from xo.flow import Endpoint
-from xo.lab import Host, Lab
+from xo.lab import Lab
 from xo.tls import (
     TlsCipher,
     TlsDirection,
@@ -35,30 +35,14 @@ from xo.tls import (
 from xo.tls.kernel import CLOSE_NOTIFY, CONTENT_ALERT
 from xo.tls.move import FlowPath, Place, move
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("ktls")]
 
 FRONT_PORT, BACK_PORT = 8443, 9443
 IO_TIMEOUT_S = 20.0
 SETTLE_S = 0.2
-# RSTs sent, and aborts, in every namespace. TcpEstabResets counts any ESTABLISHED -> CLOSE,
-# which a silent close in repair mode (the moved-away socket) is too: only the client's counts.
-RST_COUNTERS = ("TcpOutRsts", "TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose",
-                "TcpExtTCPAbortOnTimeout")
-CLIENT_RESETS = "TcpEstabResets"
 ALL = [(v, c) for v in TlsVersion for c in TlsCipher]
 # Start near the 32-bit boundary: the kernel's 64-bit big-endian increment must carry.
 START_SEQ = 2**32 - 2
-
-
-@pytest.fixture(autouse=True)
-def _needs_ktls(require_module: Callable[[str], None]) -> None:
-    require_module("tls")
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab(clients=1, frontends=1, backends=1) as lab:
-        yield lab
 
 
 def _state(version: TlsVersion, cipher: TlsCipher, seq: int) -> TlsState:
@@ -117,38 +101,10 @@ class Peer:
         return out
 
 
-def _connect(lab: Lab) -> tuple[socket.socket, socket.socket, Place]:
-    c, f = lab.clients[0], lab.frontends[0]
-    front = Place(f, Endpoint(lab.vip4, FRONT_PORT))
-    with f.enter():
-        lsock = socket.create_server(front.local.sockaddr())
-    with c.enter():
-        peer = socket.create_connection(front.local.sockaddr(), timeout=IO_TIMEOUT_S)
-    server, _ = lsock.accept()
-    lsock.close()
-    return server, peer, front
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = recv(sock, n - len(out))
-        assert chunk, "peer closed"
-        out += chunk
-    return out
-
-
-def _rsts(hosts: list[Host]) -> dict[str, int]:
-    """hosts[0] is the client."""
-    out = {f"{h.name}:{k}": h.nstat().get(k, 0) for h in hosts for k in RST_COUNTERS}
-    out[f"{hosts[0].name}:{CLIENT_RESETS}"] = hosts[0].nstat().get(CLIENT_RESETS, 0)
-    return out
-
-
 @pytest.mark.parametrize(("version", "cipher"), ALL, ids=[f"{v.name}-{c.name}" for v, c in ALL])
 def test_kernel_records_match_user_space(lab: Lab, version: TlsVersion,
                                          cipher: TlsCipher) -> None:
-    server, raw, _ = _connect(lab)
+    server, raw, _ = connect(lab, FRONT_PORT, IO_TIMEOUT_S)
     state = _state(version, cipher, START_SEQ)
     peer = Peer(raw, _mirror(state))
     with server, raw:
@@ -157,7 +113,7 @@ def test_kernel_records_match_user_space(lab: Lab, version: TlsVersion,
         server.sendall(b"second")
         assert peer.recv_records(2) == [b"kernel to user space", b"second"]
         peer.send(b"user space to kernel")
-        assert _recv_exact(server, 20) == b"user space to kernel"
+        assert recv_exact(server, 20, recv) == b"user space to kernel"
         got = capture(server)
         assert got is not None
         assert (got.version, got.cipher) == (version, cipher)
@@ -166,7 +122,7 @@ def test_kernel_records_match_user_space(lab: Lab, version: TlsVersion,
 
 
 def test_refusals_then_capture(lab: Lab) -> None:
-    server, raw, _ = _connect(lab)
+    server, raw, _ = connect(lab, FRONT_PORT, IO_TIMEOUT_S)
     state = _state(TlsVersion.TLS_1_3, TlsCipher.AES_GCM_128, 0)
     peer = Peer(raw, _mirror(state))
     with server, raw:
@@ -177,7 +133,7 @@ def test_refusals_then_capture(lab: Lab) -> None:
         with pytest.raises(TlsRefusedError) as e:
             capture(server)
         assert e.value.reason == TlsRefusedError.PARTIAL_RECORD
-        assert _recv_exact(server, 6) == b"unread"
+        assert recv_exact(server, 6, recv) == b"unread"
         # half a record on the wire
         record = seal(peer.state, peer.state.tx, b"split record")
         raw.sendall(record[:9])
@@ -186,7 +142,7 @@ def test_refusals_then_capture(lab: Lab) -> None:
             check_quiescent(server)
         assert e.value.reason == TlsRefusedError.PARTIAL_RECORD
         raw.sendall(record[9:])
-        assert _recv_exact(server, 12) == b"split record"
+        assert recv_exact(server, 12, recv) == b"split record"
         # sent but not acknowledged: the peer's window is full
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         server.setblocking(False)
@@ -221,8 +177,8 @@ def test_round_trip_with_records_in_flight(lab: Lab, version: TlsVersion,
     sending records: TCP retransmits them to the restored socket, whose installed state
     decrypts them at the right sequence number."""
     c, f, b = lab.clients[0], lab.frontends[0], lab.backends[0]
-    before = _rsts([c, f, b])
-    server, raw, front = _connect(lab)
+    before = rst_counts(c, f, b)
+    server, raw, front = connect(lab, FRONT_PORT, IO_TIMEOUT_S)
     back = Place(b, Endpoint(b.ip4, BACK_PORT))
     state = _state(version, cipher, START_SEQ)
     peer = Peer(raw, _mirror(state))
@@ -242,7 +198,7 @@ def test_round_trip_with_records_in_flight(lab: Lab, version: TlsVersion,
             time.sleep(SETTLE_S)
             server, _ = move(server, path, dst)
             assert server.getsockname()[0] == str(dst.local.ip)
-            assert _recv_exact(server, 13) == b"during move %d" % hop
+            assert recv_exact(server, 13, recv) == b"during move %d" % hop
             server.sendall(b"after move %d" % hop)
             assert peer.recv_records(1) == [b"after move %d" % hop]
         wait_quiescent(server, IO_TIMEOUT_S)  # the peer's (delayed) ACK of the last record
@@ -253,15 +209,13 @@ def test_round_trip_with_records_in_flight(lab: Lab, version: TlsVersion,
         server.close()
         raw.close()
         path.close()
-    time.sleep(SETTLE_S)
-    after = _rsts([c, f, b])
-    assert {k: after[k] - before[k] for k in after} == dict.fromkeys(after, 0)
+    assert_no_resets(before, c, f, b, settle=SETTLE_S)
 
 
 def test_install_accepted_in_repair_mode(lab: Lab) -> None:
     """The restore order of the issue (ULP + crypto before repair off) is possible: the TLS
     ULP only needs ESTABLISHED, which a socket in repair mode is."""
-    server, raw, _ = _connect(lab)
+    server, raw, _ = connect(lab, FRONT_PORT, IO_TIMEOUT_S)
     state = _state(TlsVersion.TLS_1_3, TlsCipher.AES_GCM_256, 0)
     peer = Peer(raw, _mirror(state))
     with server, raw:
@@ -271,4 +225,4 @@ def test_install_accepted_in_repair_mode(lab: Lab) -> None:
         server.sendall(b"installed in repair mode")
         assert peer.recv_records(1) == [b"installed in repair mode"]
         peer.send(b"and back")
-        assert _recv_exact(server, 8) == b"and back"
+        assert recv_exact(server, 8, recv) == b"and back"

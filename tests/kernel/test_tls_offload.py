@@ -18,20 +18,20 @@ import socket
 import ssl
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from lab_kit import assert_no_resets, rst_counts
 
 from xo.flow import Endpoint
-from xo.lab import Host, Lab
+from xo.lab import Lab
 from xo.pki import DevCA
 from xo.tls import ServerTls, TlsFrontend, recv
 from xo.tls.move import FlowPath, MoveTimes, Place, move
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("ktls")]
 
 HOST = "xo.test"
 PORT, BACK_PORT = 443, 9443
@@ -39,11 +39,6 @@ PLAN = ["f0", "b0", "b0", "f0"]  # who serves request i
 SIZES = [1000, 200_000, 3000, 70_000]
 IO_TIMEOUT_S = 60.0
 SETTLE_S = 0.3
-# RSTs sent, and aborts, in every namespace. TcpEstabResets counts any ESTABLISHED -> CLOSE,
-# which a silent close in repair mode (the moved-away socket) is too: only the client's counts.
-RST_COUNTERS = ("TcpOutRsts", "TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose",
-                "TcpExtTCPAbortOnTimeout")
-CLIENT_RESETS = "TcpEstabResets"
 HEADER_END = b"\r\n\r\n"
 
 
@@ -136,24 +131,6 @@ def read_response(stream: Callable[[int], bytes]) -> bytes:
     return stream(length)
 
 
-def _rsts(hosts: list[Host]) -> dict[str, int]:
-    """hosts[0] is the client."""
-    out = {f"{h.name}:{k}": h.nstat().get(k, 0) for h in hosts for k in RST_COUNTERS}
-    out[f"{hosts[0].name}:{CLIENT_RESETS}"] = hosts[0].nstat().get(CLIENT_RESETS, 0)
-    return out
-
-
-@pytest.fixture(autouse=True)
-def _needs_ktls(require_module: Callable[[str], None]) -> None:
-    require_module("tls")
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab(clients=1, frontends=1, backends=1) as lab:
-        yield lab
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[ServerTls, Path]:
     files = DevCA().write(tmp_path_factory.mktemp("pki"), HOST)
@@ -166,9 +143,7 @@ def _check(lab: Lab, server: PlanServer, before: dict[str, int]) -> None:
     addr = {f.name: str(server.home.local.ip), b.name: str(server.away.local.ip)}
     assert server.served == [(who, addr[who]) for who in PLAN]
     assert len(server.moves) == 2
-    time.sleep(SETTLE_S)
-    after = _rsts([lab.clients[0], f, b])
-    assert {k: after[k] - before[k] for k in after} == dict.fromkeys(after, 0)
+    assert_no_resets(before, lab.clients[0], f, b, settle=SETTLE_S)
 
 
 TLS12 = ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
@@ -182,7 +157,7 @@ def test_openssl_s_client(lab: Lab, pki: tuple[ServerTls, Path], version: str,
                           cipher: str) -> None:
     config, ca = pki
     c = lab.clients[0]
-    before = _rsts([c, lab.frontends[0], lab.backends[0]])
+    before = rst_counts(c, lab.frontends[0], lab.backends[0])
     server = PlanServer(lab, TlsFrontend(config))
     flags = ["-tls1_2", "-cipher", cipher] if version == "1.2" else [
         "-tls1_3", "-ciphersuites", cipher]
@@ -217,7 +192,7 @@ def test_curl(lab: Lab, pki: tuple[ServerTls, Path], tmp_path: Path, version: st
               cipher: str) -> None:
     config, ca = pki
     c = lab.clients[0]
-    before = _rsts([c, lab.frontends[0], lab.backends[0]])
+    before = rst_counts(c, lab.frontends[0], lab.backends[0])
     server = PlanServer(lab, TlsFrontend(config))
     flags = ["--tlsv1.2", "--tls-max", "1.2", "--ciphers", cipher] if version == "1.2" else [
         "--tlsv1.3", "--tls13-ciphers", cipher]
@@ -246,7 +221,7 @@ def test_python_ssl(lab: Lab, pki: tuple[ServerTls, Path], version: str, cipher:
                     family: int) -> None:
     config, ca = pki
     c = lab.clients[0]
-    before = _rsts([c, lab.frontends[0], lab.backends[0]])
+    before = rst_counts(c, lab.frontends[0], lab.backends[0])
     server = PlanServer(lab, TlsFrontend(config), family)
     ctx = ssl.create_default_context(cafile=str(ca))
     if version == "1.2":
