@@ -47,15 +47,17 @@ log = logging.getLogger("xo.app")
 
 DEFAULT_TIMEOUT = 5.0
 MAX_EXPECTED_BYTES = (1 << 64) - 1  # OffloadRequest.expected_bytes is a uint64
-# Reconnect backoff once the agent went away: the first retry comes soon (a graceful restart is
-# back within about a second), then it doubles up to the ceiling nginx's module uses as its
-# fixed retry (handoff_agent_retry 1s), so an app is back at most a second after its agent.
+# Reconnect backoff once the agent went away: the first retry comes soon, then it doubles up
+# to a low ceiling. The ceiling is how long a connection returned right after the agent's
+# restart may wait for us (the agent holds it meanwhile); a failed connect to a unix socket
+# costs microseconds, so a few tries a second cost nothing.
 RECONNECT_FIRST_S = 0.05
-RECONNECT_MAX_S = 1.0
+RECONNECT_MAX_S = 0.25
 # How long give_back waits for an agent that is away. A handed-in connection has no other way
 # home, and it keeps working meanwhile (its rules are pinned in the kernel); an agent restart
-# takes seconds (BCC compiles the TC programs, many seconds on a loaded host).
-GIVE_BACK_WAIT_S = 10.0
+# takes seconds (BCC compiles the TC programs: over 10 s seen on a loaded host). The owner keeps
+# a silent target's flows about as long (60 health checks, xo.agent.owner): no point beyond.
+GIVE_BACK_WAIT_S = 60.0
 
 _Key = tuple[str, str]
 

@@ -27,7 +27,7 @@ from offload_kit import (
 )
 
 from xo.agent.labkit import LabAgents
-from xo.app import Connection, Kind, Server
+from xo.app import GIVE_BACK_WAIT_S, Connection, Kind, Server
 from xo.httpapp import HTTP_PORT, Frontend, body, listener, response, wait_acked
 from xo.lab import Host, Lab
 
@@ -36,7 +36,6 @@ pytestmark = pytest.mark.net
 SMALL = 1000
 LARGE = 200_000  # > SMALL: the frontend offloads it
 WAIT_S = 20.0  # an agent start compiles BCC programs: seconds on a loaded box
-GIVE_BACK_WAIT_S = 60.0  # the give_back across a backend agent restart (same bound as start)
 
 
 def _keep_datapath(agents: LabAgents) -> None:
@@ -164,7 +163,7 @@ def test_backend_agent_restart_keeps_the_backend_app(env: tuple[Lab, LabAgents],
         def run() -> None:
             try:
                 assert conn.sock is not None
-                holder.server.give_back(conn.sock, conn.handoff_id, wait=GIVE_BACK_WAIT_S)
+                holder.server.give_back(conn.sock, conn.handoff_id)  # waits up to 60 s
                 done["error"] = None
             except BaseException as e:  # reported to the test thread below
                 done["error"] = e

@@ -25,7 +25,7 @@ from xo.app import AgentClient, AgentError, AgentUnavailable, Kind, Server
 from xo.v1 import local_pb2
 
 WAIT_S = 5.0
-DOWN_S = 0.6  # long enough for several reconnect attempts (50, 100, 200, 400 ms)
+DOWN_S = 0.6  # long enough for several reconnect attempts (50, 100, 200, 250 ms)
 FAIL_FAST_S = 0.5  # well below DEFAULT_TIMEOUT (5 s): no call waits for an absent agent
 
 

@@ -25,8 +25,8 @@ from xo.v1 import local_pb2
 log = logging.getLogger("xo.agent.local")
 BACKLOG = 128
 # A socket that comes back to an app which is not connected waits this long for it: after an
-# agent restart the apps reconnect within a second (xo.app's backoff ceiling, nginx's
-# handoff_agent_retry), so this covers a few of their retries before the socket is closed.
+# agent restart the apps reconnect within a second (xo.app retries every 250 ms at most, nginx
+# every handoff_agent_retry, 1 s), so this covers a few of their retries before it is closed.
 APP_WAIT_S = 3.0
 APP_POLL_S = 0.01
 
