@@ -6,6 +6,7 @@ b0..b2. Node processes are killed and restarted to check failover and durability
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -14,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
 
 import boto3
@@ -25,6 +26,9 @@ from botocore.exceptions import ClientError
 from xo.lab import Host, Lab
 from xo.rgw.labrun import ACCESS_KEY, SECRET_KEY, S3Deployment
 from xo.rgw.placement import rank
+
+if TYPE_CHECKING:
+    from xo.agent.labkit import LabAgents
 
 pytestmark = [
     pytest.mark.net,
@@ -41,10 +45,10 @@ def deployment(tmp_path: Path) -> Iterator[S3Deployment]:
         yield dep
 
 
-@pytest.fixture
-def offloading(tmp_path: Path) -> Iterator[S3Deployment]:
-    """The same with an XO agent on f0 and each backend; GETs >= 1 MiB are offloaded."""
-    from xo.agent.labkit import LabAgents
+@contextlib.contextmanager
+def offloading_deployment(tmp_path: Path) -> Iterator[tuple[S3Deployment, LabAgents]]:
+    """The deployment with an XO agent on f0 and each backend; GETs >= 1 MiB are offloaded."""
+    from xo.agent.labkit import LabAgents  # BCC: imported only when the test runs
 
     with (
         Lab(clients=1, frontends=1, backends=3) as lab,
@@ -54,7 +58,14 @@ def offloading(tmp_path: Path) -> Iterator[S3Deployment]:
         with S3Deployment(
             lab, tmp_path / "s3", offload=True, threshold=MIB, agent_sockets=sockets, verbose=True
         ) as dep:
-            yield dep
+            yield dep, agents
+
+
+@pytest.fixture
+def offloading(tmp_path: Path) -> Iterator[S3Deployment]:
+    """The same as `deployment` with agents: GETs >= 1 MiB are offloaded."""
+    with offloading_deployment(tmp_path) as (dep, _):
+        yield dep
 
 
 def aws(dep: S3Deployment, client: Host, *args: str) -> str:
@@ -203,88 +214,80 @@ def _capture(host: Host, pcap: Path) -> subprocess.Popen[bytes]:
 
 def test_large_gets_offloaded_to_the_storage_node(tmp_path: Path) -> None:
     """Large GETs leave from the node (f0 sees no object bytes); the connection is reused."""
-    from xo.agent.labkit import LabAgents
-
-    with (
-        Lab(clients=1, frontends=1, backends=3) as lab,
-        LabAgents(lab, tmp_path / "agents") as agents,
-    ):
-        sockets = {h.name: agents.socket_path(h) for h in [*lab.frontends, *lab.backends]}
-        with S3Deployment(
-            lab, tmp_path / "s3", offload=True, threshold=MIB, agent_sockets=sockets, verbose=True
-        ) as dep:
-            c0, f0 = lab.clients[0], lab.frontends[0]
-            big, mid, small = os.urandom(8 * MIB), os.urandom(3 * MIB + 7), os.urandom(10_000)
-            with c0.enter():
-                s3 = s3_client(dep)
-                s3.create_bucket(Bucket="off")
-                urls = {}
-                for key, body in (("big", big), ("mid", mid), ("small", small)):
-                    s3.put_object(Bucket="off", Key=key, Body=body)
-                    urls[key] = s3.generate_presigned_url(
-                        "get_object", Params={"Bucket": "off", "Key": key}
-                    )
-            pcap, client_pcap = tmp_path / "f0.pcap", tmp_path / "c0.pcap"
-            caps = [_capture(f0, pcap), _capture(c0, client_pcap)]
-            before = c0.nstat()["TcpOutRsts"]
-            plan = [
-                ("big", None, big),
-                ("small", None, small),
-                ("big", "1000-5000999", big[1000:5001000]),
-                ("mid", None, mid),
-                ("small", None, small),
-                ("big", None, big),
+    with offloading_deployment(tmp_path) as (dep, agents):
+        lab = dep.lab
+        c0, f0 = lab.clients[0], lab.frontends[0]
+        big, mid, small = os.urandom(8 * MIB), os.urandom(3 * MIB + 7), os.urandom(10_000)
+        with c0.enter():
+            s3 = s3_client(dep)
+            s3.create_bucket(Bucket="off")
+            urls = {}
+            for key, body in (("big", big), ("mid", mid), ("small", small)):
+                s3.put_object(Bucket="off", Key=key, Body=body)
+                urls[key] = s3.generate_presigned_url(
+                    "get_object", Params={"Bucket": "off", "Key": key}
+                )
+        pcap, client_pcap = tmp_path / "f0.pcap", tmp_path / "c0.pcap"
+        caps = [_capture(f0, pcap), _capture(c0, client_pcap)]
+        before = c0.nstat()["TcpOutRsts"]
+        plan = [
+            ("big", None, big),
+            ("small", None, small),
+            ("big", "1000-5000999", big[1000:5001000]),
+            ("mid", None, mid),
+            ("small", None, small),
+            ("big", None, big),
+        ]
+        argv = ["curl"]
+        for i, (key, rng, _) in enumerate(plan):
+            argv += ["--next"] if i else []
+            argv += [
+                "-s",
+                "--fail",
+                "-w",
+                "%{http_code} %{num_connects}\n",
+                "-o",
+                str(tmp_path / f"out{i}"),
+                *(["-r", rng] if rng else []),
+                urls[key],
             ]
-            argv = ["curl"]
-            for i, (key, rng, _) in enumerate(plan):
-                argv += ["--next"] if i else []
-                argv += [
-                    "-s",
-                    "--fail",
-                    "-w",
-                    "%{http_code} %{num_connects}\n",
-                    "-o",
-                    str(tmp_path / f"out{i}"),
-                    *(["-r", rng] if rng else []),
-                    urls[key],
-                ]
-            out = c0.run(argv, timeout=120).stdout.split("\n")
-            time.sleep(0.5)  # the last connection returns after curl is done
-            for cap in caps:
-                cap.terminate()
-                cap.wait(5)
-            for i, (key, rng, expected) in enumerate(plan):
-                assert (tmp_path / f"out{i}").read_bytes() == expected, (i, key, rng)
-            codes = [line.split() for line in out if line]
-            assert [c for c, _ in codes] == ["200", "200", "206", "200", "200", "200"]
-            # one TCP connection for all six requests: the returned socket serves the next one
-            assert [n for _, n in codes] == ["1", "0", "0", "0", "0", "0"]
-            sent_by_f0 = _payload_bytes_from(pcap, f0, 9000)
-            assert sent_by_f0 < 2 * len(small) + 16_384, sent_by_f0  # small GETs + heads only
-            gw_log = dep.log("gateway")
-            assert gw_log.count("came back after the node served it") >= 3, gw_log[-3000:]
-            assert "did not come back in time" not in gw_log
-            # The client neither sent nor received a reset (the agents' namespaces count one
-            # TcpOutRsts per repair-mode close that never reaches the wire: not checked here).
-            assert c0.nstat()["TcpOutRsts"] == before
-            assert c0.nstat()["TcpEstabResets"] == 0
-            rst = c0.run(["tcpdump", "-r", str(client_pcap), "-nn", "tcp[tcpflags] & tcp-rst != 0"])
-            assert rst.stdout == ""
-            # Pipelined: the second request is read with the first and travels with the
-            # handoff as preread, comes back with the connection, and is answered by f0.
-            with c0.enter():
-                sock = socket.create_connection((str(lab.vip4), 9000), timeout=20)
-            with sock, sock.makefile("rb") as f:
-                parts = [urlsplit(urls[k]) for k in ("big", "small")]
-                sock.sendall(b"".join(
-                    f"GET {u.path}?{u.query} HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n".encode()
-                    for u in parts))
-                assert _read_response(f) == (200, big)
-                assert _read_response(f) == (200, small)
-            # The holder's agent dies: the handoff fails, f0 keeps the socket and proxies.
-            holder = rank([f"n{i}" for i in range(len(lab.backends))], "off", "big")[0]
-            agents.kill(lab.backends[int(holder[1:])])
-            code = c0.run(["curl", "-s", "--fail", "-o", str(tmp_path / "after-kill"), "-w",
-                           "%{http_code}", urls["big"]], timeout=60).stdout
-            assert code == "200" and (tmp_path / "after-kill").read_bytes() == big
-            assert "refused" in dep.log("gateway").rsplit("came back", 1)[-1]
+        out = c0.run(argv, timeout=120).stdout.split("\n")
+        time.sleep(0.5)  # the last connection returns after curl is done
+        for cap in caps:
+            cap.terminate()
+            cap.wait(5)
+        for i, (key, rng, expected) in enumerate(plan):
+            assert (tmp_path / f"out{i}").read_bytes() == expected, (i, key, rng)
+        codes = [line.split() for line in out if line]
+        assert [c for c, _ in codes] == ["200", "200", "206", "200", "200", "200"]
+        # one TCP connection for all six requests: the returned socket serves the next one
+        assert [n for _, n in codes] == ["1", "0", "0", "0", "0", "0"]
+        sent_by_f0 = _payload_bytes_from(pcap, f0, 9000)
+        assert sent_by_f0 < 2 * len(small) + 16_384, sent_by_f0  # small GETs + heads only
+        gw_log = dep.log("gateway")
+        assert gw_log.count("came back after the node served it") >= 3, gw_log[-3000:]
+        assert "did not come back in time" not in gw_log
+        # The client neither sent nor received a reset (the agents' namespaces count one
+        # TcpOutRsts per repair-mode close that never reaches the wire: not checked here).
+        assert c0.nstat()["TcpOutRsts"] == before
+        assert c0.nstat()["TcpEstabResets"] == 0
+        rst = c0.run(["tcpdump", "-r", str(client_pcap), "-nn", "tcp[tcpflags] & tcp-rst != 0"])
+        assert rst.stdout == ""
+        # Pipelined: the second request is read with the first and travels with the
+        # handoff as preread, comes back with the connection, and is answered by f0.
+        with c0.enter():
+            sock = socket.create_connection((str(lab.vip4), 9000), timeout=20)
+        with sock, sock.makefile("rb") as f:
+            parts = [urlsplit(urls[k]) for k in ("big", "small")]
+            sock.sendall(b"".join(
+                f"GET {u.path}?{u.query} HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n".encode()
+                for u in parts))
+            assert _read_response(f) == (200, big)
+            assert _read_response(f) == (200, small)
+        # The holder's agent dies: the handoff fails, f0 keeps the socket and proxies.
+        holder = rank([f"n{i}" for i in range(len(lab.backends))], "off", "big")[0]
+        agents.kill(lab.backends[int(holder[1:])])
+        code = c0.run(["curl", "-s", "--fail", "-o", str(tmp_path / "after-kill"), "-w",
+                       "%{http_code}", urls["big"]], timeout=60).stdout
+        assert code == "200" and (tmp_path / "after-kill").read_bytes() == big
+        assert "refused" in dep.log("gateway").rsplit("came back", 1)[-1]
