@@ -1,29 +1,40 @@
-"""The hardware rule tier through real agents (hw_rules = true). On this host (no cls_flower)
-the queue finds flower missing, says so once, counts one failure per offloaded flow, and every
-flow keeps working on its eBPF redirect: byte-exact, zero RST, no rule left behind. On a
-kernel with flower (the VM tier) the same run installs and removes one rule per flow."""
+"""The hardware rule tier through real agents (hw_rules = true, the default size policy: a rule
+for transfers of 2 MiB and more, as in seed 003). The HTTP frontend announces each response's
+size with its offload; offloads below the threshold get no rule (`skipped` in `xo status`,
+counted), larger ones are queued. On this host (no cls_flower) the queue finds flower missing,
+says so once, counts one failure per queued rule, and every flow keeps working on its eBPF
+redirect: byte-exact, zero RST, no rule left behind. On a kernel with flower (the VM tier) the
+same run installs and removes one rule per large flow."""
 
 from __future__ import annotations
 
 import ast
 import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from offload_kit import Client, delta, rst_counts, wait_settled
+from offload_kit import Client, Holder, delta, rst_counts, wait_settled
 
+import xo.status
 from xo.agent.labkit import LabAgents
-from xo.httpapp import lab_apps
+from xo.app import Kind, Server
+from xo.httpapp import HTTP_PORT, Frontend, body, lab_apps, listener, response, wait_acked
+from xo.hwrules import DEFAULT_THRESHOLD
 from xo.lab import Lab
 
 pytestmark = pytest.mark.net
 
-SMALL = 1000
-LARGE = 200_000
-REQUESTS = (SMALL, LARGE, SMALL, LARGE, SMALL, LARGE)
+SMALL = 1000  # served by the frontend itself
+MID = 200_000  # offloaded, below the hardware rule threshold
+LARGE = DEFAULT_THRESHOLD + 1_000_000  # offloaded with a hardware rule
+REQUESTS = (SMALL, MID, LARGE, SMALL, MID, LARGE)
 UNSUPPORTED = "hardware rules disabled, flows stay on eBPF"
 CLOSED = re.compile(r"hardware rule queue closed: (\{[^}]*\})")
+PENDING = ("queued", "issuing")  # the queue's worker has not answered yet
+STATUS_WAIT_S = 10.0
 
 
 @pytest.fixture
@@ -37,7 +48,17 @@ def env(tmp_path: Path) -> Iterator[tuple[Lab, LabAgents]]:
             agents.stop()
 
 
-def test_flows_keep_working_on_ebpf_when_flower_is_absent(env: tuple[Lab, LabAgents]) -> None:
+def queue_counts(lab: Lab, agents: LabAgents) -> tuple[dict[str, int], str]:
+    """Stop the agents; the frontend's queue counts (logged at close) and its log."""
+    agents.stop()
+    log = agents.log_path(lab.frontends[0]).read_text(errors="replace")
+    found = CLOSED.findall(log)
+    assert len(found) == 1, log[-3000:]
+    return ast.literal_eval(found[0]), log
+
+
+def test_only_large_offloads_get_a_rule_and_flows_stay_on_ebpf(
+        env: tuple[Lab, LabAgents]) -> None:
     lab, agents = env
     c, f = lab.clients[0], lab.frontends[0]
     with lab_apps(lab, agents, small=SMALL) as apps:
@@ -47,20 +68,70 @@ def test_flows_keep_working_on_ebpf_when_flower_is_absent(env: tuple[Lab, LabAge
         client.close()
         assert wait_settled(lab) == {}
         after = rst_counts(c, f, *lab.backends)
-    offloads = apps.frontend.stats.offloaded
-    assert served == ["f0", "b0", "f0", "b1", "f0", "b0"]
-    assert offloads == sum(1 for s in REQUESTS if s == LARGE)
+    assert served == ["f0", "b0", "b1", "f0", "b0", "b1"]
+    assert apps.frontend.stats.offloaded == REQUESTS.count(MID) + REQUESTS.count(LARGE)
     assert delta(before, after) == {}
-    agents.stop()  # the queue logs its counts when it closes
-    log = agents.log_path(f).read_text(errors="replace")
-    found = CLOSED.findall(log)
-    assert len(found) == 1, log[-3000:]
-    counts = ast.literal_eval(found[0])
-    assert counts["queued"] == offloads
+    counts, log = queue_counts(lab, agents)
+    large = REQUESTS.count(LARGE)
+    assert counts["skipped"] == REQUESTS.count(MID)  # by policy: no rule, no netlink request
+    assert counts["queued"] == large
     if UNSUPPORTED in log:  # this host: one report, then every rule fails without a syscall
         assert log.count(UNSUPPORTED) == 1
-        assert counts["failed"] == offloads
+        assert counts["failed"] == large
         assert "TC classifier not found" in log
-    else:  # flower present: each flow's rule went in (software) and came out at its End
-        assert counts.get("in_sw", 0) + counts.get("in_hw", 0) == offloads
-        assert counts["removed"] == offloads
+    else:  # flower present: each large flow's rule went in (software) and came out at its End
+        assert counts.get("in_sw", 0) + counts.get("in_hw", 0) == large
+        assert counts["removed"] == large
+
+
+def hw_state(lab: Lab, agents: LabAgents, handoff_id: str) -> str:
+    """The owner's hardware rule state of a flow once the queue has decided it (`xo status`)."""
+    deadline = time.monotonic() + STATUS_WAIT_S
+    while True:
+        st = xo.status.query(agents.socket_path(lab.frontends[0]))
+        (flow,) = [fl for fl in st.flows if fl.handoff_id == handoff_id]
+        assert (flow.role, flow.ebpf_rule) == ("owner", "redirect")
+        if flow.hw_rule not in PENDING or time.monotonic() > deadline:
+            return flow.hw_rule
+        time.sleep(0.05)
+
+
+def test_status_shows_which_flows_got_no_rule_by_policy(env: tuple[Lab, LabAgents]) -> None:
+    lab, agents = env
+    c, f, b0 = lab.clients[0], lab.frontends[0], lab.backends[0]
+    holder = Holder(b0, agents)
+    fe = Frontend(Server(listener(f, str(lab.vip4), HTTP_PORT), agents.socket_path(f), "http"),
+                  f.name, ["b0"], small=SMALL).start()
+    states = {}
+    try:
+        before = rst_counts(c, f, b0)
+        client = Client(c, str(lab.vip4))
+        for size in (MID, LARGE):
+            client.conn.request("GET", f"/size/{size}")
+            conn = holder.take()  # the flow is offloaded and held: its rules are in place
+            assert conn.kind == Kind.HANDED_IN and conn.sock is not None
+            assert conn.preread.startswith(f"GET /size/{size} ".encode())
+            states[size] = hw_state(lab, agents, conn.handoff_id)
+            # more than the socket buffers hold: the client reads while the backend sends
+            sender = threading.Thread(target=conn.sock.sendall,
+                                      args=(response(size, b0.name, True),))
+            sender.start()
+            r = client.conn.getresponse()
+            assert r.getheader("X-Served-By") == b0.name and r.read() == body(size)
+            sender.join(STATUS_WAIT_S)
+            assert wait_acked(conn.sock)
+            holder.server.give_back(conn.sock, conn.handoff_id)
+            conn.sock.close()
+        assert client.get(SMALL)[0] == f.name  # back on the frontend, same connection
+        client.close()
+        assert wait_settled(lab) == {}
+        assert delta(before, rst_counts(c, f, b0)) == {}
+    finally:
+        fe.stop()
+        holder.close()
+    counts, log = queue_counts(lab, agents)
+    assert (counts["skipped"], counts["queued"]) == (1, 1)
+    assert states[MID] == "skipped"
+    # here flower is absent: the rule was queued and failed; with flower (veth: no NIC offload)
+    # it went in in software
+    assert states[LARGE] == ("failed" if UNSUPPORTED in log else "in_sw")
