@@ -9,6 +9,7 @@ module exists so the lab and the demo never run the protocol in clear text.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,13 @@ def _write_key(path: Path, pem: bytes) -> None:
         f.write(pem)
 
 
+def _san(identity: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(identity))
+    except ValueError:
+        return x509.DNSName(identity)
+
+
 class DevCA:
     """An in-memory CA that writes host certificates into a directory."""
 
@@ -89,7 +97,8 @@ class DevCA:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     def issue(self, identity: str) -> tuple[bytes, bytes]:
-        """A (cert PEM, key PEM) pair for `identity`, usable as TLS server and client."""
+        """A (cert PEM, key PEM) pair for `identity`, usable as TLS server and client. An IP
+        address gets an IP SAN (clients such as boto3 verify an IP endpoint against it)."""
         if not identity or any(c.isspace() for c in identity):
             raise PkiError(f"identity must be a non-empty name without spaces: {identity!r}")
         key = ec.generate_private_key(ec.SECP256R1())
@@ -103,7 +112,7 @@ class DevCA:
             .not_valid_before(now - BACKDATE)
             .not_valid_after(now + VALIDITY)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(identity)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([_san(identity)]), critical=False)
             .add_extension(
                 x509.ExtendedKeyUsage(
                     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]

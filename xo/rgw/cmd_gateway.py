@@ -2,11 +2,14 @@
 
 GETs of at least [offload].threshold bytes are offloaded to the node holding the object when
 [offload].enabled is set and the local XO agent is reachable; otherwise the gateway proxies.
+With a [tls] table it serves HTTPS only; HTTPS GETs are offloaded where the kernel has kTLS
+(else proxied, the reason counted and printed at exit).
 
 examples:
   xo s3-gateway -c integrations/rgw/s3.toml
   xo s3-gateway -c s3.toml --listen 0.0.0.0:9000 --no-offload
   aws --endpoint-url http://127.0.0.1:9000 s3 ls     # keys from [gateway].keys
+  aws --endpoint-url https://10.0.0.1:9000 --ca-bundle ca.pem s3 ls   # with [tls]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import dataclasses
 import logging
 import signal
+import ssl
 import sys
 import threading
 
@@ -53,16 +57,24 @@ def run(args: argparse.Namespace) -> int:
         offloader = AgentOffloader(config.offload.agent_socket, config.offload.agent_timeout)
     try:
         gw = Gateway(config, offloader)
+    except ssl.SSLError as e:  # an OSError too: before the listen case
+        print(f"xo s3-gateway: bad [tls] certificate or key: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
-        print(f"xo s3-gateway: cannot listen on {config.listen}: {e.strerror}", file=sys.stderr)
+        what = f"read {e.filename}" if e.filename else f"listen on {config.listen}"
+        print(f"xo s3-gateway: cannot {what}: {e.strerror}", file=sys.stderr)
         return 1
     with gw:
         host, port = gw.address[:2]
         mode = "offload" if offloader else "proxy"
-        print(f"s3-gateway listening on {host}:{port} ({mode}, {len(config.nodes)} nodes)",
-              flush=True)
+        print(f"s3-gateway listening on {gw.scheme}://{host}:{port} ({mode}, "
+              f"{len(config.nodes)} nodes)", flush=True)
         wait_for_signal()
         s = gw.stats
         print(f"s3-gateway: {s.proxied} GETs proxied, {s.offloaded} offloaded, "
               f"{s.offload_refused} offloads refused", flush=True)
+        if gw.tls is not None:
+            kept = ", ".join(f"{k} {v}" for k, v in sorted(s.kept_local.items())) or "none"
+            print(f"s3-gateway: TLS: {dict(gw.tls.stats)} connections, {s.tls_failed} "
+                  f"handshakes failed; large GETs kept local by reason: {kept}", flush=True)
     return 0

@@ -21,6 +21,11 @@
     data_dir = "/var/lib/xo-s3/n0"
     target = "b0"                # the offload target: agent peer name or ADDR:PORT
     agent_socket = "/run/xo/b0.sock"   # the node's local agent (receives handed-in clients)
+
+    [tls]                        # optional: the gateway speaks HTTPS only (TLS 1.2/1.3)
+    cert = "/etc/xo/s3.pem"      # PEM certificate chain (relative paths: to this file)
+    key = "/etc/xo/s3.key"       # PEM private key
+    handshake_timeout = 10.0     # seconds a client has to complete its handshake
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ DEFAULT_CONNECT_TIMEOUT = 1.0
 DEFAULT_IO_TIMEOUT = 10.0
 DEFAULT_RETURN_TIMEOUT = 30.0
 DEFAULT_AGENT_TIMEOUT = 5.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
 
 class ConfigError(ValueError):
@@ -64,6 +70,15 @@ class OffloadConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """HTTPS on the gateway: where its certificate and key are."""
+
+    cert: Path
+    key: Path
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
 class S3Config:
     listen: tuple[str, int]
     keys: dict[str, str]
@@ -73,6 +88,7 @@ class S3Config:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     io_timeout: float = DEFAULT_IO_TIMEOUT
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    tls: TlsConfig | None = None
 
     def node(self, name: str) -> NodeSpec:
         for spec in self.nodes:
@@ -113,8 +129,31 @@ def parse_listen(text: str, where: str = "listen") -> tuple[str, int]:
     return host, int(port)
 
 
-def parse(data: dict[str, Any]) -> S3Config:
-    """Validate a parsed TOML document."""
+def _tls(data: dict[str, Any], base: Path | None) -> TlsConfig | None:
+    """The optional [tls] table; relative paths are taken from the config file's folder."""
+    table = data.get("tls")
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError("[tls] must be a table")
+    unknown = set(table) - {"cert", "key", "handshake_timeout"}
+    if unknown:
+        raise ConfigError(f"tls: unknown key {sorted(unknown)[0]!r}")
+    paths = []
+    for name in ("cert", "key"):
+        path = Path(_get(table, name, str, "tls"))
+        if base is not None and not path.is_absolute():
+            path = base / path
+        paths.append(path)
+    timeout = float(_get(table, "handshake_timeout", (int, float), "tls",
+                         DEFAULT_HANDSHAKE_TIMEOUT))
+    if timeout <= 0:
+        raise ConfigError("tls.handshake_timeout must be > 0")
+    return TlsConfig(paths[0], paths[1], timeout)
+
+
+def parse(data: dict[str, Any], base: Path | None = None) -> S3Config:
+    """Validate a parsed TOML document (`base`: the folder relative paths start from)."""
     gw = data.get("gateway")
     if not isinstance(gw, dict):
         raise ConfigError("a [gateway] table is required")
@@ -171,6 +210,7 @@ def parse(data: dict[str, Any]) -> S3Config:
                                    DEFAULT_CONNECT_TIMEOUT)),
         io_timeout=float(_get(gw, "io_timeout", (int, float), "gateway", DEFAULT_IO_TIMEOUT)),
         offload=offload,
+        tls=_tls(data, base),
     )
 
 
@@ -182,4 +222,4 @@ def load(path: str | Path) -> S3Config:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return parse(data)
+    return parse(data, Path(path).parent)

@@ -1,19 +1,25 @@
 """The S3 gateway: authenticates and parses S3 requests, places objects on storage nodes, and
 serves GETs by proxying or, above a size threshold, by offloading the client's connection to
 the node that holds the object (which sends the bytes itself and gives the connection back).
+
+With [tls] the gateway speaks HTTPS through xo.tls.TlsFrontend: a user-space handshake, then
+kernel TLS, so a connection can still be offloaded (the agents carry the kTLS state and the
+node's plaintext is encrypted by its kernel). Where the kernel has no kTLS, or the connection
+is not quiescent, the GET is proxied and the reason counted in `stats.kept_local`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import logging
 import socket
+import ssl
 import tempfile
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
@@ -37,6 +43,7 @@ from xo.rgw.offload import Offloader, OffloadUnknown
 from xo.rgw.placement import rank
 from xo.rgw.sigv4 import AuthResult, Verifier
 from xo.rgw.store import ObjectMeta, check_bucket_name, check_key
+from xo.tls import HandshakeError, ServerTls, TlsFrontend, TlsRefusedError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,7 @@ DEFAULT_MAX_KEYS = 1000
 AFTER_PREFIX = "\U0010ffff"
 # A rejected request's body up to this size is read and dropped to keep the connection.
 DRAIN_LIMIT = 1024 * 1024
+RECV_CHUNK = 64 * 1024
 # Query parameters that select an S3 feature this gateway does not implement.
 UNSUPPORTED_SUBRESOURCES = {
     "acl", "analytics", "cors", "encryption", "intelligent-tiering", "inventory", "legal-hold",
@@ -80,16 +88,27 @@ class Exchange:
 
 @dataclass
 class Stats:
-    """GETs by how they were served (counted under a lock: connection threads race)."""
+    """GETs by how they were served (counted under a lock: connection threads race).
+
+    `kept_local`: GETs big enough to offload that stayed here because of their TLS
+    connection, by reason (xo.tls.TlsRefusedError words: no-ktls, send-queue-unacked, ...).
+    `tls_failed`: HTTPS connections closed because their handshake failed.
+    """
 
     offloaded: int = 0
     proxied: int = 0
     offload_refused: int = 0
+    tls_failed: int = 0
+    kept_local: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, name: str) -> None:
         with self.lock:
             setattr(self, name, getattr(self, name) + 1)
+
+    def keep_local(self, reason: str) -> None:
+        with self.lock:
+            self.kept_local[reason] += 1
 
 
 class Gateway:
@@ -104,6 +123,11 @@ class Gateway:
         self._by_name = {c.name: c for c in self.clients}
         self.offloader = offloader
         self.stats = Stats()
+        self.tls: TlsFrontend | None = None
+        if config.tls is not None:
+            self.tls = TlsFrontend(ServerTls(config.tls.cert, config.tls.key,
+                                             timeout=config.tls.handshake_timeout))
+            self.tls.config.context()  # a bad certificate or key fails here, not per client
         self.server = Server(listen or config.listen, self._serve, name="s3-gateway")
 
     @property
@@ -127,8 +151,18 @@ class Gateway:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
     # --- connection loop -------------------------------------------------------------------
     def _serve(self, sock: socket.socket) -> None:
+        if self.tls is not None:
+            tls_sock = self._handshake(sock)
+            if tls_sock is None:
+                return
+            self.server.adopt(tls_sock)
+            sock = tls_sock
         conn: HttpConnection | None = HttpConnection(sock)
         try:
             while conn is not None:
@@ -140,7 +174,44 @@ class Gateway:
             log.debug("client connection ended: %s", e)
         finally:
             if conn is not None:
-                conn.sock.close()
+                conn.close()
+
+    def _handshake(self, sock: socket.socket) -> socket.socket | None:
+        """TLS server handshake on a fresh client: the socket to serve HTTP on (kTLS, or an
+        ssl.SSLSocket where the kernel has no kTLS), or None after a failed handshake (the
+        client, e.g. one speaking plain HTTP, gets a FIN, not a reset)."""
+        if self.tls is None:
+            raise S3Error("InternalError", "TLS handshake without a TLS configuration")
+        timeout = self.tls.config.timeout
+        sock.settimeout(timeout)
+        # ssl closes its descriptor when the handshake fails: a second one keeps the
+        # connection open until _close_gently has ended it with a FIN.
+        spare = sock.dup()
+        try:
+            served = self.tls.accept(sock)
+        except (HandshakeError, OSError) as e:  # ssl.SSLError is an OSError
+            self.stats.count("tls_failed")
+            log.debug("TLS handshake failed: %s", e)
+            sock.close()
+            _close_gently(spare, timeout)
+            return None
+        spare.close()
+        served.settimeout(None)
+        return served
+
+    def _offload_allowed(self, conn: HttpConnection) -> bool:
+        """Whether this connection's TLS (if any) lets it move; else count the reason."""
+        if self.tls is None:
+            return True
+        if isinstance(conn.sock, ssl.SSLSocket):  # user-space TLS: the kernel has no kTLS
+            self.stats.keep_local(TlsRefusedError.NO_KTLS)
+            return False
+        why = self.tls.offloadable(conn.sock)
+        if why is None:
+            return True
+        # TlsRefusedError's text is "<reason word>: <explanation>"
+        self.stats.keep_local(why.partition(":")[0])
+        return False
 
     def _exchange(self, conn: HttpConnection, req: Request) -> HttpConnection | None:
         """Serve one request; the connection to continue on, or None when it is closed or
@@ -156,7 +227,7 @@ class Gateway:
             return self._send_error(ex, S3Error("ServiceUnavailable", str(e)))
         if result is None or not req.keep_alive or ex.body_pending:
             if result is not None:
-                result.sock.close()
+                result.close()
             return None
         return result
 
@@ -174,9 +245,7 @@ class Gateway:
         ex.conn.send(response_head(err.status, headers) + body)
         if keep:
             return ex.conn
-        with contextlib.suppress(OSError):
-            ex.conn.sock.shutdown(socket.SHUT_WR)  # FIN after the response
-        ex.conn.sock.close()
+        ex.conn.close(fin=True)  # FIN after the response
         return None
 
     def _drain(self, ex: Exchange) -> bool:
@@ -449,7 +518,7 @@ class Gateway:
             head = response_head(status, headers)
             state = ServeState(bucket, key, meta.etag, start, length, head)
             try:
-                if self._offload_wanted(node, length):
+                if self._offload_wanted(node, length) and self._offload_allowed(ex.conn):
                     return self._offload_get(ex, node, state)
                 return self._proxy_get(ex, node, state)
             except _NodeFailedBeforeHead:  # nothing sent yet: try the next replica
@@ -725,6 +794,22 @@ class Gateway:
 
         self._upload_nodes(bucket, key, abort)
         return self._reply(ex, 204)
+
+
+def _close_gently(sock: socket.socket, timeout: float) -> None:
+    """Close after a failed handshake with a FIN: closing with unread input (a plain HTTP
+    request the handshake did not consume) would send a reset. Reads what the client still
+    sends until it closes too, for at most `timeout` seconds and DRAIN_LIMIT bytes."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(timeout)
+        drained = 0
+        while drained <= DRAIN_LIMIT and (data := sock.recv(RECV_CHUNK)):
+            drained += len(data)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 class _NodeFailedBeforeHead(Exception):

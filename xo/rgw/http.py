@@ -3,6 +3,11 @@
 The gateway must be able to hand a client's socket to another host together with the bytes
 it already read, and to resume serving a socket handed back, so it cannot use a server whose
 buffered reader hides those bytes. `HttpConnection` keeps them in one bytearray.
+
+On a kernel TLS socket (HTTPS whose records the kernel encrypts: the gateway's clients, and
+the same connections handed to a storage node) a plain recv() fails with EIO when the client
+sends a non-data record, so reads go through xo.tls.recv: the client's close_notify reads as
+end of stream, a fatal alert as a TlsKernelError (an OSError: the connection ends).
 """
 
 from __future__ import annotations
@@ -11,10 +16,14 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
+
+import xo.tls
+from xo.tls import kernel as tls_kernel
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +79,40 @@ class Request:
         return "close" not in conn
 
 
+def is_ktls(sock: socket.socket) -> bool:
+    """Whether the kernel runs TLS on `sock` (a TCP socket with the "tls" upper layer)."""
+    if isinstance(sock, ssl.SSLSocket) or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    return tls_kernel.ulp_of(sock) == tls_kernel.ULP_TLS.decode()
+
+
 class HttpConnection:
     """One client connection: buffered reads of request heads and bodies, raw writes."""
 
     def __init__(self, sock: socket.socket, preread: bytes = b"") -> None:
         self.sock = sock
         self.buf = bytearray(preread)
+        self.ktls = is_ktls(sock)
 
-    def _fill(self) -> bool:
-        data = self.sock.recv(RECV_SIZE)
+    def fill(self) -> bool:
+        """Read what the peer sent into the buffer; False at end of stream (FIN, or a TLS
+        close_notify)."""
+        data = xo.tls.recv(self.sock, RECV_SIZE) if self.ktls else self.sock.recv(RECV_SIZE)
         if not data:
             return False
         self.buf += data
         return True
+
+    def close(self, fin: bool = False) -> None:
+        """Close the socket; on kTLS say close_notify first, as TLS asks. `fin`: shut down
+        the sending side first, so the peer gets a FIN even if another descriptor keeps the
+        socket open. Best effort: the peer may be gone already."""
+        with contextlib.suppress(OSError):
+            if self.ktls:
+                xo.tls.send_close_notify(self.sock)
+            if fin:
+                self.sock.shutdown(socket.SHUT_WR)
+        self.sock.close()
 
     def read_request(self) -> Request | None:
         """Read the next request head; None when the peer closed cleanly between requests."""
@@ -92,7 +122,7 @@ class HttpConnection:
                 break
             if len(self.buf) > MAX_HEADER_BYTES:
                 raise HttpError("request head too large")
-            if not self._fill():
+            if not self.fill():
                 if self.buf.strip():
                     raise ConnectionClosed("peer closed inside a request head")
                 return None
@@ -110,12 +140,12 @@ class HttpConnection:
                 return line
             if len(self.buf) > limit:
                 raise HttpError("line too long")
-            if not self._fill():
+            if not self.fill():
                 raise ConnectionClosed("peer closed inside a line")
 
     def read_some(self, limit: int) -> bytes:
         """Up to `limit` bytes (at least one), from the buffer first."""
-        if not self.buf and not self._fill():
+        if not self.buf and not self.fill():
             raise ConnectionClosed("peer closed inside a body")
         data = bytes(self.buf[:limit])
         del self.buf[:limit]

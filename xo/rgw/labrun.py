@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from xo.lab import Host, Lab
+from xo.pki import DevCA
 
 GATEWAY_PORT = 9000
 NODE_PORT = 9100
@@ -34,12 +35,18 @@ def _toml_str(text: str) -> str:
 
 
 class S3Deployment:
-    """Gateway on lab.frontends[0] (VIP:9000), one storage node per backend."""
+    """Gateway on lab.frontends[0] (VIP:9000), one storage node per backend.
+
+    With `tls` the gateway serves HTTPS with a certificate for the VIP from a fresh dev CA
+    (`ca_path`: what clients verify against, e.g. boto3 verify= or aws --ca-bundle).
+    """
 
     def __init__(self, lab: Lab, workdir: Path, offload: bool = False,
                  threshold: int = 1024 * 1024, replicas: int = 2,
-                 agent_sockets: dict[str, str] | None = None, verbose: bool = False) -> None:
+                 agent_sockets: dict[str, str] | None = None, verbose: bool = False,
+                 tls: bool = False) -> None:
         self.lab = lab
+        self.tls = tls
         self.workdir = workdir
         self.config_path = workdir / "s3.toml"
         self.offload = offload
@@ -55,8 +62,16 @@ class S3Deployment:
         return self.lab.frontends[0]
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def url(self) -> str:
-        return f"http://{self.lab.vip4}:{GATEWAY_PORT}"
+        return f"{self.scheme}://{self.lab.vip4}:{GATEWAY_PORT}"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.workdir / "pki" / "ca.pem"
 
     def log(self, name: str) -> str:
         """The output so far of server `name` ("gateway", "n0", ...)."""
@@ -77,6 +92,10 @@ class S3Deployment:
             f"threshold = {self.threshold}",
             f"agent_socket = {_toml_str(self.agent_sockets.get(self.gateway_host.name, ''))}",
         ]
+        if self.tls:
+            files = DevCA("xo-s3-lab-ca").write(self.workdir / "pki", str(self.lab.vip4))
+            lines += ["", "[tls]", f"cert = {_toml_str(str(files.cert))}",
+                      f"key = {_toml_str(str(files.key))}"]
         for i, b in enumerate(self.lab.backends):
             lines += [
                 "",
@@ -117,7 +136,11 @@ class S3Deployment:
         if not offload:
             argv.append("--no-offload")
         self._start(name, self.gateway_host, argv, port)
-        return f"http://{self.lab.vip4}:{port}"
+        return f"{self.scheme}://{self.lab.vip4}:{port}"
+
+    def stop_gateway(self, name: str = "gateway") -> None:
+        """Stop a gateway process (SIGTERM: it prints its counters to its log on the way)."""
+        self._stop(name)
 
     def start_node(self, i: int) -> None:
         self._start(f"n{i}", self.lab.backends[i], ["s3-node", "--name", f"n{i}"], NODE_PORT)

@@ -4,6 +4,12 @@ of GETs whose client connection the gateway handed in (offload).
 The API is internal (gateway -> node, on the storage network): paths under /_xo/v1/, object
 metadata as JSON in the X-Xo-Meta header, errors as the S3 code in X-Xo-Error so the gateway
 can re-raise them unchanged.
+
+A handed-in connection may carry kernel TLS (an HTTPS client of the gateway): the node writes
+plaintext and the kernel encrypts it. A stock kernel moves a kTLS socket only when it is
+quiescent (every record sent acknowledged, nothing unread), so before giving it back the node
+waits for the client's acknowledgements and reads whatever the client sent meanwhile: its next
+request travels back as preread; its close_notify (or FIN) ends the connection here.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import base64
 import json
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +35,23 @@ from xo.rgw.http import (
     response_head,
 )
 from xo.rgw.store import ObjectMeta, Store
+from xo.tls import TlsRefusedError, wait_quiescent
 
 log = logging.getLogger(__name__)
 
 API = "/_xo/v1/"
 # S3's minimum size of every part but the last.
 MIN_PART_SIZE = 5 * 1024 * 1024
+# How long the client of a handed-in kTLS connection has to acknowledge the response before
+# the node gives up on it (as long as the gateway waits for the connection by default).
+ACK_TIMEOUT_S = 30.0
+# Give-backs of a kTLS connection the agent refused because the client sent a record meanwhile.
+GIVE_BACK_ATTEMPTS = 3
+
+
+class GiveBackRefused(Exception):
+    """The agent refused a give-back and the socket is still the node's: a kTLS socket that
+    was not quiescent (the client sent its next request or close_notify meanwhile)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +95,28 @@ def send_object(conn: HttpConnection, store: Store, state: ServeState) -> None:
             raise S3Error("InvalidRange")
         conn.send(state.head)
         conn.sendfile(f.fileno(), state.start, state.length)
+
+
+def settle(conn: HttpConnection, timeout: float) -> bool:
+    """Make a kTLS connection movable: wait until the client acknowledged everything sent,
+    reading into conn.buf whatever it sends meanwhile (a record left unread would pin the
+    socket here). True when quiescent; False when the client closed (close_notify or FIN).
+    Raises ConnectionClosed when the client does not acknowledge within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            wait_quiescent(conn.sock, max(left, 0.0))
+            return True
+        except TlsRefusedError as e:
+            if e.reason == TlsRefusedError.UNACKED or left <= 0:
+                raise ConnectionClosed(f"client did not acknowledge the response: {e}") from None
+        conn.sock.settimeout(left)
+        try:
+            if not conn.fill():
+                return False
+        finally:
+            conn.sock.settimeout(None)
 
 
 def _error_response(conn: HttpConnection, err: S3Error) -> None:
@@ -141,7 +181,30 @@ class StorageNode:
         except (S3Error, ValueError) as e:
             log.warning("handed-in GET not served: %s", e)
             result = {"served": False, "reason": str(e)}
-        give_back(sock, conn.take_buffer(), json.dumps(result).encode())
+        done = json.dumps(result).encode()
+        if not conn.ktls:
+            give_back(sock, conn.take_buffer(), done)
+            return
+        for attempt in range(1, GIVE_BACK_ATTEMPTS + 1):
+            try:
+                if not settle(conn, ACK_TIMEOUT_S):
+                    log.debug("client ended the TLS session on the node")
+                    conn.close(fin=True)  # the agent ends the flow once the socket is gone
+                    return
+            except (ConnectionClosed, OSError) as e:
+                log.warning("handed-in TLS connection dropped: %s", e)
+                conn.close()
+                return
+            rest = conn.take_buffer()
+            try:
+                give_back(sock, rest, done)
+                return
+            except GiveBackRefused as e:
+                conn.buf[:0] = rest
+                log.info("give-back %d/%d refused (%s): reading what the client sent",
+                         attempt, GIVE_BACK_ATTEMPTS, e)
+        log.warning("handed-in TLS connection never became quiescent: closing it")
+        conn.close(fin=True)
 
     def _serve(self, sock: socket.socket) -> None:
         conn = HttpConnection(sock)

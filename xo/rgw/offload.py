@@ -18,6 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from xo import uapi
+from xo.rgw.http import is_ktls
+from xo.rgw.node import GiveBackRefused
+
 if TYPE_CHECKING:
     from xo.app import AgentClient
     from xo.rgw.node import StorageNode
@@ -161,6 +165,18 @@ class AgentOffloader:
             agent.close()
 
 
+def still_ours(sock: socket.socket) -> bool:
+    """After a failed give-back: whether the agent left this kTLS socket live with us (it
+    refused before capturing) rather than taking it (captured and closed in repair mode)."""
+    try:
+        if not is_ktls(sock):
+            return False
+        info = sock.getsockopt(uapi.SOL_TCP, uapi.TCP_INFO, uapi.TCP_INFO_HEAD.size)
+    except OSError:
+        return False
+    return bool(uapi.TCP_INFO_HEAD.unpack(info)[0] == uapi.TCP_ESTABLISHED)
+
+
 class NodeAgentLink:
     """A storage node's link to its agent: serves every handed-in connection, gives it back.
 
@@ -210,10 +226,17 @@ class NodeAgentLink:
 
     def _serve(self, agent: AgentClient, sock: socket.socket, handoff_id: str,
                preread: bytes, app_state: bytes) -> None:
-        from xo.app import AgentError
+        from xo.app import AgentError, AgentUnavailable
 
         def give_back(s: socket.socket, rest: bytes, state: bytes) -> None:
-            agent.give_back(s, handoff_id, rest, state)
+            try:
+                agent.give_back(s, handoff_id, rest, state)
+            except AgentUnavailable:
+                raise
+            except AgentError as e:
+                if still_ours(s):  # refused before the capture: e.g. a kTLS socket not quiescent
+                    raise GiveBackRefused(str(e)) from None
+                raise
 
         try:
             self._node.serve_handed_in(sock, preread, app_state, give_back)
