@@ -13,7 +13,6 @@ counted in every namespace, no flow entry left in either agent's map.
 from __future__ import annotations
 
 import socket
-import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from test_tls_offload import (
     SETTLE_S,
     TLS12,
     body,
+    client_context,
     read_request,
     read_response,
     request,
@@ -181,12 +181,7 @@ def test_ktls_connection_moves_through_the_agents(env: tuple[Lab, LabAgents], tm
             App(b, agents, (str(b.ip4), BACK_LISTEN_PORT), backend)]
     for a in apps:
         a.start()
-    ctx = ssl.create_default_context(cafile=str(files.ca))
-    if version == "1.2":
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_ciphers(cipher)
-    else:
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx = client_context(files.ca, version, cipher)
     with c.enter():
         raw = socket.create_connection((str(lab.vip4), PORT), timeout=CLIENT_TIMEOUT_S)
     try:

@@ -12,7 +12,6 @@ such connections must be served by the frontend itself.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,35 +25,28 @@ from xo.nginxlab import (
     build_module,
     handoff_targets,
     lab_nginx,
-    make_files,
     running,
-    shared_dir,
 )
 from xo.pki import DevCA
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "net"))
 from nginx_util import (  # noqa: E402  (helpers shared with the net tier)
+    BACKEND_PORT,
     Site,
     StandInAgent,
     curl_files,
+    files_lab,
     rst_counts,
     serving,
 )
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("ktls")]
 
 HOST = "xo.test"
-BACKEND_PORT = 8080
-FILES = {"small.bin": 1000, "64k.bin": 64 * 1024, "1m.bin": 1024 * 1024}
 NAMES = ["small.bin", "1m.bin", "64k.bin", "small.bin"]
 CLIENT_RST = ("TcpOutRsts", "TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose", "TcpEstabResets")
 SERVER_RST = ("TcpOutRsts", "TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose")
 KTLS_CIPHER = "ECDHE-ECDSA-AES128-GCM-SHA256"  # the dev CA issues EC keys
-
-
-@pytest.fixture(autouse=True)
-def _needs_ktls(require_module: Callable[[str], None]) -> None:
-    require_module("tls")
 
 
 @dataclass
@@ -86,11 +78,9 @@ def front_server(lab: Lab, www: Path, cert: Path, key: Path, protocol: str) -> s
 @pytest.fixture
 def site_for() -> Iterator[Callable[[str], TlsSite]]:
     so = build_module()
-    directory = shared_dir("xo-nginx-tls-")
-    www = directory / "www"
-    files = make_files(www / "files", FILES)
-    tls = DevCA().write(directory / "pki", HOST)
-    with Lab(clients=1, frontends=1, backends=2) as lab:
+    with files_lab("xo-nginx-tls-") as (lab, directory, files):
+        www = directory / "www"
+        tls = DevCA().write(directory / "pki", HOST)
         targets = {f"{b.ip4}:{BACKEND_PORT}": b.name for b in lab.backends}
         hosts = [h.name for h in (*lab.frontends, *lab.backends)]
         with StandInAgent(directory, hosts, targets) as agent:
@@ -106,10 +96,7 @@ def site_for() -> Iterator[Callable[[str], TlsSite]]:
                 )
                 return TlsSite(lab, front, backs, files, directory, agent, tls.ca)
 
-            try:
-                yield make
-            finally:
-                shutil.rmtree(directory, ignore_errors=True)
+            yield make
 
 
 def rsts(lab: Lab) -> dict[str, int]:

@@ -212,6 +212,18 @@ def test_curl(lab: Lab, pki: tuple[ServerTls, Path], tmp_path: Path, version: st
     _check(lab, server, before)
 
 
+def client_context(ca: Path, version: str, cipher: str) -> ssl.SSLContext:
+    """Python ssl verifying with `ca`: TLS 1.2 with `cipher`, or TLS 1.3 ("1.3", its default
+    suites)."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if version == "1.2":
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(cipher)
+    else:
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
 PY_CASES = [("1.2", c, 4) for c in TLS12] + [("1.3", "default", 4), ("1.3", "default", 6)]
 
 
@@ -223,12 +235,7 @@ def test_python_ssl(lab: Lab, pki: tuple[ServerTls, Path], version: str, cipher:
     c = lab.clients[0]
     before = rst_counts(c, lab.frontends[0], lab.backends[0])
     server = PlanServer(lab, TlsFrontend(config), family)
-    ctx = ssl.create_default_context(cafile=str(ca))
-    if version == "1.2":
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_ciphers(cipher)
-    else:
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx = client_context(ca, version, cipher)
     with c.enter():
         raw = socket.create_connection(server.home.local.sockaddr(), timeout=IO_TIMEOUT_S)
     with ctx.wrap_socket(raw, server_hostname=HOST) as tls:

@@ -70,6 +70,17 @@ def wait_settled(lab: Lab, timeout: float = 20.0) -> dict[str, int]:
         time.sleep(0.05)
 
 
+def assert_back_home(
+    lab: Lab, client: Client, size: int, before: dict[str, int], *hosts: Host
+) -> None:
+    """The connection came back: its next request (`size` bytes) is served by f0 on the same
+    connection; then no flow entry is left and no counter of rst_counts(*hosts) moved."""
+    assert client.get(size)[0] == lab.frontends[0].name
+    client.close()
+    assert wait_settled(lab) == {}
+    assert delta(before, rst_counts(*hosts)) == {}
+
+
 class Client:
     """http.client (unmodified, keep-alive) in the client's namespace."""
 

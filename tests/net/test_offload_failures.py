@@ -24,6 +24,7 @@ import pytest
 from offload_kit import (
     Client,
     Holder,
+    assert_back_home,
     delta,
     lab_with_agents,
     pinned_flows,
@@ -184,10 +185,7 @@ def test_owner_restart_reconciles_and_takes_the_flow_back(env: tuple[Lab, LabAge
                              agents.socket_path(f), "http"), f.name, [], small=LARGE).start()
         holder.serve_and_give_back(conn, client, LARGE)
         # served by the new frontend app on the same connection, byte-exact
-        assert client.get(SMALL)[0] == "f0"
-        client.close()
-        assert wait_settled(lab) == {}
-        assert delta(before, rst_counts(c, f, b0)) == {}
+        assert_back_home(lab, client, SMALL, before, c, f, b0)
     finally:
         fe.stop()
         holder.close()
@@ -344,10 +342,7 @@ def test_full_flow_table_refuses_the_offload_and_the_app_serves(
             assert any("flow table" in r.getMessage() and "full" in r.getMessage()
                        for r in caplog.records), [r.getMessage() for r in caplog.records]
             holder.serve_and_give_back(conn, first, LARGE)
-            assert first.get(SMALL)[0] == "f0"  # back on the frontend, same connection
-            first.close()
-            assert wait_settled(lab) == {}
-            assert delta(before, rst_counts(c, f, b0)) == {}
+            assert_back_home(lab, first, SMALL, before, c, f, b0)
         finally:
             fe.stop()
             holder.close()
