@@ -46,6 +46,10 @@ def test_defaults() -> None:
         (lambda d: d["gateway"].update(replicas="2"), "wrong type"),
         (lambda d: d["gateway"].update(listen="localhost:80"), "bad address"),
         (lambda d: d.update(offload={"threshold": -1}), "threshold"),
+        (lambda d: d.update(tls={"cert": "c.pem"}), "tls.key is required"),
+        (lambda d: d.update(tls={"cert": "c", "key": "k", "ca": "x"}), "unknown key 'ca'"),
+        (lambda d: d.update(tls={"cert": "c", "key": "k", "handshake_timeout": 0}), "> 0"),
+        (lambda d: d.update(tls="on"), r"\[tls\] must be a table"),
     ],
 )
 def test_bad_config(mutate, message: str) -> None:
@@ -74,3 +78,27 @@ def test_commands_report_bad_config_cleanly(tmp_path: Path, capsys) -> None:
     assert "cannot read" in capsys.readouterr().err
     assert main(["s3-node", "-c", str(EXAMPLE), "--name", "n9"]) == 2
     assert "no node named 'n9'" in capsys.readouterr().err
+
+
+def test_tls_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    conf = tmp_path / "s3.toml"
+    conf.write_text(EXAMPLE.read_text() + '\n[tls]\ncert = "pki/gw.pem"\nkey = "/abs/gw.key"\n')
+    cfg = load(conf)
+    assert cfg.tls is not None
+    assert (cfg.tls.cert, cfg.tls.key) == (tmp_path / "pki" / "gw.pem", Path("/abs/gw.key"))
+    assert parse(base()).tls is None  # plain HTTP without the table
+
+
+def test_gateway_reports_a_bad_certificate_cleanly(tmp_path: Path, capsys) -> None:
+    from xo.cli import main
+
+    conf = tmp_path / "s3.toml"
+    (tmp_path / "gw.pem").write_text("not a certificate")
+    (tmp_path / "gw.key").write_text("not a key")
+    text = EXAMPLE.read_text().replace("127.0.0.1:9000", "127.0.0.1:0")
+    conf.write_text(text + '\n[tls]\ncert = "gw.pem"\nkey = "gw.key"\n')
+    assert main(["s3-gateway", "-c", str(conf), "--no-offload"]) == 2
+    assert "tls: cannot load certificate" in capsys.readouterr().err
+    conf.write_text(text + '\n[tls]\ncert = "missing.pem"\nkey = "gw.key"\n')
+    assert main(["s3-gateway", "-c", str(conf), "--no-offload"]) == 2
+    assert "No such file" in capsys.readouterr().err

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import logging
 import signal
-import ssl
 import sys
 import threading
 
@@ -57,12 +56,11 @@ def run(args: argparse.Namespace) -> int:
         offloader = AgentOffloader(config.offload.agent_socket, config.offload.agent_timeout)
     try:
         gw = Gateway(config, offloader)
-    except ssl.SSLError as e:  # an OSError too: before the listen case
-        print(f"xo s3-gateway: bad [tls] certificate or key: {e}", file=sys.stderr)
+    except ConfigError as e:  # [tls] certificate or key unusable
+        print(f"xo s3-gateway: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        what = f"read {e.filename}" if e.filename else f"listen on {config.listen}"
-        print(f"xo s3-gateway: cannot {what}: {e.strerror}", file=sys.stderr)
+        print(f"xo s3-gateway: cannot listen on {config.listen}: {e.strerror}", file=sys.stderr)
         return 1
     with gw:
         host, port = gw.address[:2]

@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, unquote
 
 from xo.rgw import s3xml
 from xo.rgw.body import SPOOL_IN_MEMORY, Body, has_body, receive
-from xo.rgw.config import S3Config
+from xo.rgw.config import ConfigError, S3Config
 from xo.rgw.errors import S3Error
 from xo.rgw.http import (
     ConnectionClosed,
@@ -127,7 +127,11 @@ class Gateway:
         if config.tls is not None:
             self.tls = TlsFrontend(ServerTls(config.tls.cert, config.tls.key,
                                              timeout=config.tls.handshake_timeout))
-            self.tls.config.context()  # a bad certificate or key fails here, not per client
+            try:  # a bad certificate or key fails here, not per client
+                self.tls.config.context()
+            except OSError as e:  # ssl.SSLError included
+                raise ConfigError(f"tls: cannot load certificate {config.tls.cert} with key "
+                                  f"{config.tls.key}: {e}") from None
         self.server = Server(listen or config.listen, self._serve, name="s3-gateway")
 
     @property
