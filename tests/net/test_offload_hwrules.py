@@ -9,6 +9,7 @@ same run installs and removes one rule per large flow."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 import threading
 import time
@@ -35,6 +36,8 @@ UNSUPPORTED = "hardware rules disabled, flows stay on eBPF"
 CLOSED = re.compile(r"hardware rule queue closed: (\{[^}]*\})")
 PENDING = ("queued", "issuing")  # the queue's worker has not answered yet
 STATUS_WAIT_S = 10.0
+S3_OFFLOAD = 1 << 20  # the gateway offloads GETs of at least this many bytes
+S3_RANGE = S3_OFFLOAD + 100_000  # a range GET offloaded, below the hardware rule threshold
 
 
 @pytest.fixture
@@ -135,3 +138,40 @@ def test_status_shows_which_flows_got_no_rule_by_policy(env: tuple[Lab, LabAgent
     # here flower is absent: the rule was queued and failed; with flower (veth: no NIC offload)
     # it went in in software
     assert states[LARGE] == ("failed" if UNSUPPORTED in log else "in_sw")
+
+
+def test_s3_gateway_announces_the_range_length(tmp_path: Path) -> None:
+    """The S3 gateway offloads GETs >= 1 MiB and tells the agent each one's range length: a
+    1.5 MiB object and a 1.1 MB range of a 3 MB one get no rule, the whole 3 MB object does."""
+    import boto3  # the S3 client stack: imported only when the test runs
+    from botocore.config import Config
+
+    from xo.rgw.labrun import ACCESS_KEY, SECRET_KEY, S3Deployment
+
+    mid, big = os.urandom(S3_OFFLOAD + S3_OFFLOAD // 2), os.urandom(LARGE)
+    with (
+        Lab(clients=1, frontends=1, backends=2) as lab,
+        LabAgents(lab, tmp_path / "agents", verbose=True, hw_rules=True) as agents,
+    ):
+        c = lab.clients[0]
+        sockets = {h.name: agents.socket_path(h) for h in [*lab.frontends, *lab.backends]}
+        with S3Deployment(lab, tmp_path / "s3", offload=True, threshold=S3_OFFLOAD,
+                          agent_sockets=sockets, verbose=True) as dep, c.enter():
+            s3 = boto3.client(
+                "s3", endpoint_url=dep.url, aws_access_key_id=ACCESS_KEY,
+                aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+                config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                              retries={"max_attempts": 1, "mode": "standard"}))
+            s3.create_bucket(Bucket="hwrules")
+            s3.put_object(Bucket="hwrules", Key="mid", Body=mid)
+            s3.put_object(Bucket="hwrules", Key="big", Body=big)
+            before = rst_counts(c)
+            assert s3.get_object(Bucket="hwrules", Key="mid")["Body"].read() == mid
+            assert s3.get_object(Bucket="hwrules", Key="big")["Body"].read() == big
+            rng = s3.get_object(Bucket="hwrules", Key="big", Range=f"bytes=0-{S3_RANGE - 1}")
+            assert rng["Body"].read() == big[:S3_RANGE]
+            assert wait_settled(lab) == {}
+            assert delta(before, rst_counts(c)) == {}
+            assert dep.log("gateway").count("came back after the node served it") == 3
+        counts, log = queue_counts(lab, agents)
+    assert (counts["skipped"], counts["queued"]) == (2, 1), log[-3000:]
