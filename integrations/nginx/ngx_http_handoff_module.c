@@ -571,19 +571,52 @@ ngx_http_handoff_offload_timeout(ngx_event_t *ev)
 /*
  * A TLS connection can move only when OpenSSL handed both directions to the kernel (kTLS, e.g.
  * `ssl_conf_command Options KTLS` with a kTLS cipher) and holds nothing of its own: no
- * decrypted bytes pending, no unsent record.
+ * decrypted bytes pending, no unsent record. Returns why it cannot move now, or NULL.
  */
-static ngx_uint_t
-ngx_http_handoff_ktls_ready(ngx_connection_t *c)
+static const char *
+ngx_http_handoff_ktls_unready(ngx_connection_t *c)
 {
 #if defined(BIO_get_ktls_send) && defined(BIO_get_ktls_recv)
     SSL  *ssl = c->ssl->connection;
 
-    return c->ssl->handshaked && !c->buffered && SSL_pending(ssl) == 0
-           && BIO_get_ktls_send(SSL_get_wbio(ssl)) && BIO_get_ktls_recv(SSL_get_rbio(ssl));
+    if (!c->ssl->handshaked) {
+        return "the handshake is not finished";
+    }
+    if (!BIO_get_ktls_send(SSL_get_wbio(ssl))) {
+        return "kTLS is off for sending (needs ssl_conf_command Options KTLS, a kTLS cipher "
+               "and the kernel's tls module)";
+    }
+    if (!BIO_get_ktls_recv(SSL_get_rbio(ssl))) {
+        return "kTLS is off for receiving (OpenSSL 3.0 has none for TLS 1.3)";
+    }
+    if (c->buffered || SSL_pending(ssl) != 0) {
+        return "OpenSSL holds unsent or unread data";
+    }
+    return NULL;
 #else
-    return 0;
+    return "this OpenSSL has no kTLS";
 #endif
+}
+
+
+/* Whether the TLS state is all in the kernel; if not, says why (once per connection: the
+ * first request's answer lasts, except for the transient "OpenSSL holds data"). */
+static ngx_uint_t
+ngx_http_handoff_tls_movable(ngx_http_request_t *r)
+{
+    ngx_uint_t         level;
+    const char        *why;
+    ngx_connection_t  *c = r->connection;
+
+    why = ngx_http_handoff_ktls_unready(c);
+    if (why == NULL) {
+        return 1;
+    }
+    level = c->requests == 1 ? NGX_LOG_INFO : NGX_LOG_DEBUG;
+    ngx_log_error(level, c->log, 0,
+                  "handoff: %s connection served here: %s",
+                  SSL_get_version(c->ssl->connection), why);
+    return 0;
 }
 
 #endif
@@ -601,7 +634,7 @@ ngx_http_handoff_eligible(ngx_http_request_t *r)
         return 0;
     }
 #if (NGX_HTTP_SSL)
-    if (r->connection->ssl && !ngx_http_handoff_ktls_ready(r->connection)) {
+    if (r->connection->ssl && !ngx_http_handoff_tls_movable(r)) {
         return 0;     /* the TLS state must be all in the kernel for the agent to move it */
     }
 #endif
