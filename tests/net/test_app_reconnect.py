@@ -20,7 +20,6 @@ from offload_kit import (
     Holder,
     agent_warnings,
     delta,
-    lab_with_agents,
     pinned_flows,
     rst_counts,
     wait_settled,
@@ -38,14 +37,11 @@ LARGE = 200_000  # > SMALL: the frontend offloads it
 WAIT_S = 20.0  # an agent start compiles BCC programs: seconds on a loaded box
 
 
-def _keep_datapath(agents: LabAgents) -> None:
+AGENT_BACKENDS = 1  # the shared `env` fixture (tests/net/conftest.py)
+
+
+def prepare_agents(agents: LabAgents) -> None:
     agents.detach_on_exit = False  # a SIGTERM'd agent keeps its pinned flows, as in production
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, LabAgents]]:
-    with lab_with_agents(tmp_path_factory.mktemp("agents"), 1, _keep_datapath) as env:
-        yield env
 
 
 @pytest.fixture(autouse=True)
