@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 
-import grpc.aio
-
 from xo.agent.context import Context
 from xo.agent.exporter import MetricsServer
 from xo.agent.metrics import CountingHandler, Metrics
@@ -74,14 +72,8 @@ class CountingService(OffloadService):
         super().__init__(ctx, owner, target)
         self._ops = ops
 
-    async def Handoff(self, request: offload_pb2.HandoffRequest,  # noqa: N802 (gRPC name)
-                      context: grpc.aio.ServicerContext) -> offload_pb2.HandoffReply:
-        reply = await super().Handoff(request, context)
+    def handed_off(self, reply: offload_pb2.HandoffReply) -> None:
         self._ops.metrics.handoff(reply)
-        return reply
 
-    async def End(self, request: offload_pb2.EndRequest,  # noqa: N802
-                  context: grpc.aio.ServicerContext) -> offload_pb2.EndReply:
-        reply = await super().End(request, context)
+    def ended(self, reply: offload_pb2.EndReply) -> None:
         self._ops.metrics.end(reply)
-        return reply

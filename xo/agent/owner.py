@@ -33,6 +33,7 @@ from xo.agent.context import Context, PhaseTimer, quiesce
 from xo.agent.liveness import host_alive
 from xo.agent.local import AppConn, expected_bytes
 from xo.agent.machine import Event, Machine, State, StateError
+from xo.agent.rpc import RpcFailed
 from xo.agent.validate import ProtocolError
 from xo.datapath import Action, DatapathError, Direction, Redirect
 from xo.datapath.layout import format_mac
@@ -198,18 +199,14 @@ class Owner:
 
     async def _rpc_handoff(self, peer: Peer,
                            request: offload_pb2.HandoffRequest) -> offload_pb2.HandoffReply:
-        stub = self.ctx.channels.stub(peer)
         timeout = self.ctx.cfg.handoff_timeout_ms / 1000
         try:
-            # wait_for_ready: a channel still backing off after a peer restart reconnects
-            # within the deadline instead of failing at once.
-            reply: offload_pb2.HandoffReply = await stub.Handoff(request, timeout=timeout,
-                                                                 wait_for_ready=True)
-        except grpc.aio.AioRpcError as e:
-            reason = (offload_pb2.TIMEOUT if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            reply = await self.ctx.channels.handoff(peer, request, timeout)
+        except RpcFailed as e:
+            reason = (offload_pb2.TIMEOUT if e.code == grpc.StatusCode.DEADLINE_EXCEEDED
                       else offload_pb2.INTERNAL)
             self._peers.pop(peer.name, None)  # re-read its info next time
-            raise OffloadRefused(reason, f"{peer.name}: {e.code().name}: {e.details()}") from None
+            raise OffloadRefused(reason, f"{peer.name}: {e}") from None
         if not reply.accepted:
             raise OffloadRefused(reply.reason or offload_pb2.REFUSED,
                                  f"{peer.name} refused: {reply.detail}")
@@ -226,14 +223,13 @@ class Owner:
             rec.machine.advance(Event.FAILED)
 
     async def _ready(self, rec: OwnedFlow, timer: PhaseTimer) -> None:
-        stub = self.ctx.channels.stub(rec.peer)
         try:
-            reply = await stub.Ready(offload_pb2.ReadyRequest(handoff_id=rec.handoff_id),
-                                     timeout=READY_TIMEOUT_S)
+            reply = await self.ctx.channels.ready(
+                rec.peer, offload_pb2.ReadyRequest(handoff_id=rec.handoff_id), READY_TIMEOUT_S)
             ok = reply.ok
-        except grpc.aio.AioRpcError as e:
+        except RpcFailed as e:
             ok = False
-            log.warning("ready %s to %s failed: %s", rec.handoff_id, rec.peer.name, e.code().name)
+            log.warning("ready %s to %s failed: %s", rec.handoff_id, rec.peer.name, e.code.name)
         with contextlib.suppress(StateError):  # an End may already have arrived
             rec.machine.advance(Event.READY if ok else Event.FAILED)
         timer.mark("ready")

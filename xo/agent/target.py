@@ -20,9 +20,6 @@ import logging
 import socket
 from dataclasses import dataclass, field
 
-import grpc
-import grpc.aio
-
 import xo.tcp
 import xo.tls
 from xo import uapi
@@ -31,6 +28,7 @@ from xo.agent.config import Peer
 from xo.agent.context import Context, PhaseTimer, open_tcp_tuples, quiesce, tcp_state_of
 from xo.agent.local import AppConn, NoApp
 from xo.agent.machine import Event, Machine, State, StateError
+from xo.agent.rpc import RpcFailed
 from xo.agent.validate import ProtocolError
 from xo.datapath import Action, DatapathError, Direction
 from xo.datapath.layout import parse_mac
@@ -330,9 +328,9 @@ class Target:
 
     async def _send_end(self, rec: HostedFlow, end: offload_pb2.EndRequest) -> tuple[bool, str]:
         try:
-            reply = await self.ctx.channels.stub(rec.owner).End(end, timeout=END_TIMEOUT_S)
-        except grpc.aio.AioRpcError as e:
-            return False, f"{e.code().name}: {e.details()}"
+            reply = await self.ctx.channels.end(rec.owner, end, END_TIMEOUT_S)
+        except RpcFailed as e:
+            return False, str(e)
         return reply.ok, reply.detail
 
     def _forget(self, rec: HostedFlow, event: Event) -> None:

@@ -235,3 +235,23 @@ class PeerInfo(_message.Message):
     ktls: bool
     active_flows: int
     def __init__(self, name: _Optional[str] = ..., protocol: _Optional[int] = ..., handoff_addresses: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., handoff_port_min: _Optional[int] = ..., handoff_port_max: _Optional[int] = ..., ktls: _Optional[bool] = ..., active_flows: _Optional[int] = ...) -> None: ...
+
+class PeerMessage(_message.Message):
+    __slots__ = ("id", "timeout_ms", "handoff", "handoff_reply", "ready", "ready_reply", "end", "end_reply")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_REPLY_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    READY_REPLY_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    END_REPLY_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    timeout_ms: int
+    handoff: HandoffRequest
+    handoff_reply: HandoffReply
+    ready: ReadyRequest
+    ready_reply: ReadyReply
+    end: EndRequest
+    end_reply: EndReply
+    def __init__(self, id: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., handoff: _Optional[_Union[HandoffRequest, _Mapping]] = ..., handoff_reply: _Optional[_Union[HandoffReply, _Mapping]] = ..., ready: _Optional[_Union[ReadyRequest, _Mapping]] = ..., ready_reply: _Optional[_Union[ReadyReply, _Mapping]] = ..., end: _Optional[_Union[EndRequest, _Mapping]] = ..., end_reply: _Optional[_Union[EndReply, _Mapping]] = ...) -> None: ...

@@ -54,6 +54,11 @@ class OffloadStub:
                 request_serializer=xo_dot_v1_dot_offload__pb2.PeerInfoRequest.SerializeToString,
                 response_deserializer=xo_dot_v1_dot_offload__pb2.PeerInfo.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/xo.v1.Offload/Session',
+                request_serializer=xo_dot_v1_dot_offload__pb2.PeerMessage.SerializeToString,
+                response_deserializer=xo_dot_v1_dot_offload__pb2.PeerMessage.FromString,
+                _registered_method=True)
 
 
 class OffloadServicer:
@@ -87,6 +92,15 @@ class OffloadServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Handoff, Ready and End on one long-lived stream per peer (the caller's requests, the
+        callee's replies): no per-call stream setup. Agents fall back to the unary calls when
+        a peer does not implement it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OffloadServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +123,11 @@ def add_OffloadServicer_to_server(servicer, server):
                     servicer.Peer,
                     request_deserializer=xo_dot_v1_dot_offload__pb2.PeerInfoRequest.FromString,
                     response_serializer=xo_dot_v1_dot_offload__pb2.PeerInfo.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=xo_dot_v1_dot_offload__pb2.PeerMessage.FromString,
+                    response_serializer=xo_dot_v1_dot_offload__pb2.PeerMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +238,33 @@ class Offload:
             '/xo.v1.Offload/Peer',
             xo_dot_v1_dot_offload__pb2.PeerInfoRequest.SerializeToString,
             xo_dot_v1_dot_offload__pb2.PeerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/xo.v1.Offload/Session',
+            xo_dot_v1_dot_offload__pb2.PeerMessage.SerializeToString,
+            xo_dot_v1_dot_offload__pb2.PeerMessage.FromString,
             options,
             channel_credentials,
             insecure,
