@@ -106,7 +106,7 @@ def _stage_s3(res: Results, out: Path) -> None:
     # Imported here: the lab needs root and pulls boto3 and gRPC in.
     from xo.agent.labkit import LabAgents
     from xo.lab import Lab
-    from xo.rgw.cmd_bench import THRESHOLD, _measure
+    from xo.rgw.cmd_bench import BATCH_MIB, MIB, THRESHOLD, _measure
     from xo.rgw.labrun import S3Deployment
 
     raw: dict[tuple[str, int], list[float]] = {}
@@ -118,7 +118,7 @@ def _stage_s3(res: Results, out: Path) -> None:
         dep = S3Deployment(lab, Path(tmp) / "s3", offload=True, threshold=THRESHOLD,
                            agent_sockets=sockets, verbose=True)
         with dep:
-            _measure(dep, sizes, MODES, res.plan.rounds, raw)
+            _measure(dep, sizes, MODES, res.plan.rounds, BATCH_MIB * MIB, raw)
         timings = [agents.timings_path(h) for h in agents.hosts]
         res.steps = latency.read(timings)
         (out / "timings").mkdir(exist_ok=True)
