@@ -3,6 +3,7 @@ no half-built socket behind; the connection that was being captured keeps workin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -38,6 +39,21 @@ def _pair(family: int = socket.AF_INET) -> tuple[socket.socket, socket.socket, s
     return lsock, client, server
 
 
+@contextlib.contextmanager
+def _connection(
+    host: Host, family: int = socket.AF_INET
+) -> Iterator[tuple[socket.socket, socket.socket, socket.socket]]:
+    """In the host's namespace: _pair()'s listener, client and server, all closed afterwards
+    (closing one the test released already is harmless)."""
+    with host.enter():
+        lsock, client, server = _pair(family)
+        try:
+            yield lsock, client, server
+        finally:
+            for s in (lsock, client, server):
+                s.close()
+
+
 def _works(a: socket.socket, b: socket.socket) -> None:
     a.sendall(b"ping")
     assert b.recv(4) == b"ping"
@@ -50,8 +66,7 @@ def _open_fds() -> int:
 
 
 def test_capture_refuses_listener_udp_and_closed(host: Host) -> None:
-    with host.enter():
-        lsock, client, server = _pair()
+    with _connection(host) as (lsock, client, server):
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with pytest.raises(tcp.NotEstablishedError, match="TCP state 10, not ESTABLISHED"):
             tcp.capture(lsock)
@@ -61,14 +76,11 @@ def test_capture_refuses_listener_udp_and_closed(host: Host) -> None:
         with pytest.raises(tcp.NotEstablishedError, match="closed"):
             tcp.capture(udp)
         _works(client, server)
-        for s in (lsock, client, server):
-            s.close()
 
 
 def test_capture_of_a_socket_with_a_timeout(host: Host) -> None:
     """A timeout on the socket must not make the send-queue peek wait (and fail) on poll."""
-    with host.enter():
-        lsock, client, server = _pair()
+    with _connection(host) as (lsock, client, server):
         # The client reads nothing, so the server's send queue fills and stays non-empty.
         pending = bytearray()
         server.setblocking(False)
@@ -88,26 +100,20 @@ def test_capture_of_a_socket_with_a_timeout(host: Host) -> None:
             got += client.recv(1 << 20)
         assert got == pending
         _works(client, server)
-        for s in (lsock, client, server):
-            s.close()
 
 
 def test_capture_refuses_half_closed(host: Host) -> None:
-    with host.enter():
-        lsock, client, server = _pair()
+    with _connection(host) as (lsock, client, server):
         client.shutdown(socket.SHUT_WR)
         assert server.recv(1) == b""  # the FIN arrived: server is in CLOSE_WAIT
         with pytest.raises(tcp.NotEstablishedError, match="TCP state 8"):
             tcp.capture(server)
         server.sendall(b"still open")  # not left in repair mode: data still flows
         assert client.recv(10) == b"still open"
-        for s in (lsock, client, server):
-            s.close()
 
 
 def test_restore_refuses_4tuple_in_use_and_leaves_nothing(host: Host) -> None:
-    with host.enter():
-        lsock, client, server = _pair(socket.AF_INET6)
+    with _connection(host, socket.AF_INET6) as (lsock, client, server):
         state = tcp.capture(server)  # the original still holds the 4-tuple
         fds = _open_fds()
         with pytest.raises(tcp.AddressInUseError, match="already in use") as err:
@@ -117,26 +123,21 @@ def test_restore_refuses_4tuple_in_use_and_leaves_nothing(host: Host) -> None:
         tcp.release(server)
         restored = tcp.restore(state)  # nothing left over holds the 4-tuple
         _works(client, restored)
-        for s in (lsock, client, restored):
-            s.close()
+        restored.close()
 
 
 def test_resume_after_capture_keeps_the_connection(host: Host) -> None:
-    with host.enter():
-        lsock, client, server = _pair()
+    with _connection(host) as (lsock, client, server):
         client.sendall(b"queued")
         state = tcp.capture(server)
         assert state.recv_queue == b"queued"
         tcp.resume(server)  # the handoff failed: keep serving here
         assert server.recv(6) == b"queued"
         _works(client, server)
-        for s in (lsock, client, server):
-            s.close()
 
 
 def test_restore_on_a_foreign_address(host: Host) -> None:
-    with host.enter():
-        lsock, client, server = _pair()
+    with _connection(host) as (lsock, client, server):
         state = tcp.capture(server)
         tcp.release(server)
         fds = _open_fds()
@@ -144,20 +145,15 @@ def test_restore_on_a_foreign_address(host: Host) -> None:
             tcp.restore(state, local=Endpoint.parse("192.0.2.1:4000"))
         assert _open_fds() == fds
         _works(client, tcp.restore(state))
-        for s in (lsock, client):
-            s.close()
 
 
 def test_restore_refuses_other_family(host: Host) -> None:
-    with host.enter():
-        lsock, client, server = _pair()
+    with _connection(host) as (lsock, client, server):
         state = tcp.capture(server)
         with pytest.raises(tcp.StateFormatError, match="differ in family"):
             tcp.restore(state, local=Endpoint.parse("[::1]:4000"))
         tcp.resume(server)
         _works(client, server)
-        for s in (lsock, client, server):
-            s.close()
 
 
 NO_CAP_SCRIPT = textwrap.dedent(
