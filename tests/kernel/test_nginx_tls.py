@@ -30,15 +30,7 @@ from xo.nginxlab import (
 from xo.pki import DevCA
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "net"))
-from nginx_util import (  # noqa: E402  (helpers shared with the net tier)
-    BACKEND_PORT,
-    Site,
-    StandInAgent,
-    curl_files,
-    files_lab,
-    rst_counts,
-    serving,
-)
+import nginx_util as nx  # noqa: E402  (helpers shared with the net tier)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("ktls")]
 
@@ -50,13 +42,13 @@ KTLS_CIPHER = "ECDHE-ECDSA-AES128-GCM-SHA256"  # the dev CA issues EC keys
 
 
 @dataclass
-class TlsSite(Site):
-    agent: StandInAgent
+class TlsSite(nx.Site):
+    agent: nx.StandInAgent
     ca: Path
 
 
 def front_server(lab: Lab, www: Path, cert: Path, key: Path, protocol: str) -> str:
-    targets = handoff_targets(f"{b.ip4}:{BACKEND_PORT}" for b in lab.backends)
+    targets = handoff_targets(f"{b.ip4}:{nx.BACKEND_PORT}" for b in lab.backends)
     return f"""
     server {{
         listen {lab.vip4}:443 ssl;
@@ -78,12 +70,12 @@ def front_server(lab: Lab, www: Path, cert: Path, key: Path, protocol: str) -> s
 @pytest.fixture
 def site_for() -> Iterator[Callable[[str], TlsSite]]:
     so = build_module()
-    with files_lab("xo-nginx-tls-") as (lab, directory, files):
+    with nx.files_lab("xo-nginx-tls-") as (lab, directory, files):
         www = directory / "www"
         tls = DevCA().write(directory / "pki", HOST)
-        targets = {f"{b.ip4}:{BACKEND_PORT}": b.name for b in lab.backends}
+        targets = {f"{b.ip4}:{nx.BACKEND_PORT}": b.name for b in lab.backends}
         hosts = [h.name for h in (*lab.frontends, *lab.backends)]
-        with StandInAgent(directory, hosts, targets) as agent:
+        with nx.StandInAgent(directory, hosts, targets) as agent:
 
             def make(protocol: str) -> TlsSite:
                 front, backs = lab_nginx(
@@ -91,7 +83,7 @@ def site_for() -> Iterator[Callable[[str], TlsSite]]:
                     directory,
                     so,
                     front_server(lab, www, tls.cert, tls.key, protocol),
-                    lambda b: backend_server(b, www, BACKEND_PORT, served_by=True),
+                    lambda b: backend_server(b, www, nx.BACKEND_PORT, served_by=True),
                     lambda h: agent.path(h.name),
                 )
                 return TlsSite(lab, front, backs, files, directory, agent, tls.ca)
@@ -100,18 +92,18 @@ def site_for() -> Iterator[Callable[[str], TlsSite]]:
 
 
 def rsts(lab: Lab) -> dict[str, int]:
-    return rst_counts(lab, CLIENT_RST, SERVER_RST)
+    return nx.rst_counts(lab, CLIENT_RST, SERVER_RST)
 
 
 def curl_tls(site: TlsSite, names: list[str]) -> tuple[list[str], int]:
     resolve = ["--cacert", str(site.ca), "--resolve", f"{HOST}:443:{site.lab.vip4}"]
     urls = [f"https://{HOST}/files/{name}" for name in names]
-    return curl_files(site, urls, names, resolve, timeout=120)
+    return nx.curl_files(site, urls, names, resolve, timeout=120)
 
 
 def test_ktls_connection_is_handed_off_and_returned(site_for: Callable[[str], TlsSite]) -> None:
     site = site_for("TLSv1.2")
-    with serving(site):  # and no alert/crit/emerg in any error.log afterwards
+    with nx.serving(site):  # and no alert/crit/emerg in any error.log afterwards
         before = rsts(site.lab)
         served, connects = curl_tls(site, NAMES)
         assert connects == 1
