@@ -75,6 +75,30 @@ def handoff_targets(targets: Iterable[str]) -> str:
     return "\n".join(f"            handoff_target {t};" for t in targets)
 
 
+def tls_lines(
+    addr: str,
+    port: int,
+    server_name: str,
+    cert: Path,
+    key: Path,
+    protocol: str,
+    cipher: str | None = None,
+) -> str:
+    """The listen and ssl lines of a TLS server{} that asks OpenSSL for kTLS
+    (`ssl_conf_command Options KTLS`): with a kTLS cipher on a kernel with the tls module,
+    both directions of a TLS 1.2 connection end up in the kernel and can be handed off."""
+    lines = [
+        f"listen {addr}:{port} ssl;",
+        f"server_name {server_name};",
+        f"ssl_certificate {cert};",
+        f"ssl_certificate_key {key};",
+        f"ssl_protocols {protocol};",
+        *([f"ssl_ciphers {cipher};"] if cipher else []),
+        "ssl_conf_command Options KTLS;",
+    ]
+    return "\n".join(f"        {line}" for line in lines)
+
+
 def backend_server(
     host: Host,
     www: Path,

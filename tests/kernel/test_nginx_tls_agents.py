@@ -28,7 +28,14 @@ import pytest
 from xo import status
 from xo.agent.labkit import LabAgents
 from xo.lab import Host, Lab
-from xo.nginxlab import Nginx, backend_server, build_module, handoff_targets, lab_nginx
+from xo.nginxlab import (
+    Nginx,
+    backend_server,
+    build_module,
+    handoff_targets,
+    lab_nginx,
+    tls_lines,
+)
 from xo.pki import DevCA, TlsFiles
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "net"))
@@ -135,16 +142,10 @@ def front_server(env: Env, protocol: str, cipher: str | None) -> str:
     """f0: TLS on VIP:443 with kTLS, /files/ handed off every 2nd request to b0, b1 in turn;
     stub_status on plain VIP:80."""
     lab, www = env.lab, env.directory / "www"
-    ciphers = f"ssl_ciphers {cipher};" if cipher else ""
+    tls = tls_lines(str(lab.vip4), TLS_PORT, HOST, env.pki.cert, env.pki.key, protocol, cipher)
     return f"""
     server {{
-        listen {lab.vip4}:{TLS_PORT} ssl;
-        server_name {HOST};
-        ssl_certificate {env.pki.cert};
-        ssl_certificate_key {env.pki.key};
-        ssl_protocols {protocol};
-        {ciphers}
-        ssl_conf_command Options KTLS;
+{tls}
         root {www};
         add_header X-Served-By f0 always;
         location /files/ {{
