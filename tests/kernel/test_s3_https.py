@@ -35,6 +35,13 @@ pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("ktls")]
 MIB = 1024 * 1024
 # Under TCG two agents compile their BCC programs at once: minutes, not the host's ~1 s.
 AGENT_START_S = 240.0
+# TCG on a shared machine: the agents' first mTLS connection can outlast the 1 s Peer deadline
+# (the offload is refused, the GET proxied: correct, but not what this test is about), and a
+# handoff can take seconds; the gateway must wait for the agent longer than the agent waits.
+HANDOFF_TIMEOUT_MS = 10_000
+AGENT_TIMEOUT_S = 30.0
+RETURN_TIMEOUT_S = 60.0
+WARMUP_GETS = 6
 TEST_TIMEOUT_S = 900
 CLIENT_TIMEOUT_S = 60.0
 CLIENT_COUNTERS = ("TcpOutRsts", "TcpEstabResets", "TcpExtTCPAbortOnData",
@@ -45,12 +52,15 @@ LOG_TAIL = 3000
 @pytest.fixture
 def dep(tmp_path: Path) -> Iterator[S3Deployment]:
     with Lab(clients=1, frontends=1, backends=1) as lab:
-        agents = LabAgents(lab, tmp_path / "agents", verbose=True, start_timeout=AGENT_START_S)
+        agents = LabAgents(lab, tmp_path / "agents", verbose=True, start_timeout=AGENT_START_S,
+                           handoff_timeout_ms=HANDOFF_TIMEOUT_MS)
         agents.start()
         try:
             sockets = {h.name: agents.socket_path(h) for h in [*lab.frontends, *lab.backends]}
             with S3Deployment(lab, tmp_path / "s3", offload=True, threshold=MIB, replicas=1,
-                              agent_sockets=sockets, verbose=True, tls=True) as d:
+                              agent_sockets=sockets, verbose=True, tls=True,
+                              agent_timeout=AGENT_TIMEOUT_S,
+                              return_timeout=RETURN_TIMEOUT_S) as d:
                 yield d
         finally:
             agents.stop()
@@ -94,6 +104,14 @@ def test_https_gets_offloaded_over_ktls(dep: S3Deployment) -> None:
         s3.put_object(Bucket="tls", Key="big", Body=big)
         s3.put_object(Bucket="tls", Key="small", Body=small)
         presigned = s3.generate_presigned_url("get_object", Params={"Bucket": "tls", "Key": "big"})
+        for _ in range(WARMUP_GETS):  # until the agents have met (refused: proxied, exact)
+            assert s3.get_object(Bucket="tls", Key="big")["Body"].read() == big
+            if "came back after the node served it" in dep.log("gateway"):
+                break
+    warm_log = dep.log("gateway")
+    assert "came back after the node served it" in warm_log, warm_log[-LOG_TAIL:]
+    warm_served = warm_log.count("came back after the node served it")
+    warm_refused = len(re.findall(r"offload to b0 (refused|not sent)", warm_log))
     rst_before = counters(c0, CLIENT_COUNTERS)
     opens_before = counters(c0, ("TcpActiveOpens",))["TcpActiveOpens"]
     out_before = counters(f0, ("IpExtOutOctets",))["IpExtOutOctets"]
@@ -110,7 +128,8 @@ def test_https_gets_offloaded_over_ktls(dep: S3Deployment) -> None:
     sent_by_f0 = counters(f0, ("IpExtOutOctets",))["IpExtOutOctets"] - out_before
     assert counters(c0, ("TcpActiveOpens",))["TcpActiveOpens"] - opens_before == 1
     gw_log = dep.log("gateway")
-    assert gw_log.count("came back after the node served it") == 2, gw_log[-LOG_TAIL:]
+    assert gw_log.count("came back after the node served it") == warm_served + 2, \
+        gw_log[-LOG_TAIL:]
     # proxied, f0 would have sent every object byte (plus TLS overhead) to c0
     assert sent_by_f0 < offloaded_bytes // 4, (sent_by_f0, offloaded_bytes)
 
@@ -132,7 +151,9 @@ def test_https_gets_offloaded_over_ktls(dep: S3Deployment) -> None:
     gw_log = dep.log("gateway")
     final = re.search(r"(\d+) GETs proxied, (\d+) offloaded, (\d+) offloads refused", gw_log)
     assert final is not None, gw_log[-LOG_TAIL:]
-    assert final.groups() == ("2", "3", "0"), gw_log[-LOG_TAIL:]
+    # the warm-up's refused offloads were proxied; after it nothing was refused
+    expected = (2 + warm_refused, 3 + warm_served, warm_refused)
+    assert tuple(map(int, final.groups())) == expected, gw_log[-LOG_TAIL:]
     assert "kept local by reason: none" in gw_log, gw_log[-LOG_TAIL:]
     assert "did not come back in time" not in gw_log and "came back unserved" not in gw_log
     assert "failed, the connection is lost" not in dep.log("n0")

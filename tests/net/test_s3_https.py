@@ -158,6 +158,16 @@ def test_boto3_over_https_everything_proxied(cluster: Cluster,
     assert stats.tls_failed == 0
     logged = [r for r in caplog.records if NO_KTLS_LOG in r.getMessage()]
     assert len(logged) == 1, [r.getMessage() for r in caplog.records]
+    # keep-alive survives boto3's HTTPS uploads (aws-chunked inside Transfer-Encoding: chunked)
+    one = boto3.client("s3", endpoint_url=cluster.url, aws_access_key_id=AK,
+                       aws_secret_access_key=SK, region_name="us-east-1",
+                       verify=str(cluster.pki.ca),
+                       config=Config(s3={"addressing_style": "path"}, max_pool_connections=1))
+    connections = front.stats["local-no-ktls"]
+    for i in range(3):
+        one.put_object(Bucket="tls", Key=f"again{i}", Body=objects["small"])
+        assert one.get_object(Bucket="tls", Key=f"again{i}")["Body"].read() == objects["small"]
+    assert front.stats["local-no-ktls"] == connections + 1
 
 
 class _Reader:

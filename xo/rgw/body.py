@@ -169,7 +169,8 @@ def receive(conn: HttpConnection, req: Request, auth: sigv4.AuthResult,
     payload_hash = auth.payload_hash
     if payload_hash == sigv4.STREAMING_SIGNED_TRAILER:
         raise S3Error("NotImplemented", "signed trailers are not supported")
-    chunks = raw_body(conn, req)
+    raw = raw_body(conn, req)
+    chunks = raw
     encodings = [e.strip() for e in (req.header("content-encoding") or "").split(",")]
     streaming = payload_hash.startswith("STREAMING-")
     trailers: dict[str, str] = {}
@@ -193,6 +194,12 @@ def receive(conn: HttpConnection, req: Request, auth: sigv4.AuthResult,
             if checksum is not None:
                 checksum.update(data)
             spool.write(data)
+        # The aws-chunked decoder stops at its own end; the transport's may follow (the final
+        # CRLF and zero chunk of Transfer-Encoding: chunked, as boto3 sends over HTTPS): read
+        # it, or it would prefix the next request on this connection.
+        for extra in raw:
+            if extra.strip(b"\r\n"):
+                raise S3Error("InvalidRequest", "data after the end of the aws-chunked body")
         _verify(req, size, md5, sha, payload_hash, algo, checksum, trailers)
     except (HttpError, ConnectionClosed) as e:
         spool.close()

@@ -44,9 +44,12 @@ class S3Deployment:
     def __init__(self, lab: Lab, workdir: Path, offload: bool = False,
                  threshold: int = 1024 * 1024, replicas: int = 2,
                  agent_sockets: dict[str, str] | None = None, verbose: bool = False,
-                 tls: bool = False) -> None:
+                 tls: bool = False, agent_timeout: float = 5.0,
+                 return_timeout: float = 30.0) -> None:
         self.lab = lab
         self.tls = tls
+        self.agent_timeout = agent_timeout  # the VM tier (TCG) needs more than a host
+        self.return_timeout = return_timeout
         self.workdir = workdir
         self.config_path = workdir / "s3.toml"
         self.offload = offload
@@ -91,6 +94,8 @@ class S3Deployment:
             f"enabled = {'true' if self.offload else 'false'}",
             f"threshold = {self.threshold}",
             f"agent_socket = {_toml_str(self.agent_sockets.get(self.gateway_host.name, ''))}",
+            f"agent_timeout = {self.agent_timeout}",
+            f"return_timeout = {self.return_timeout}",
         ]
         if self.tls:
             files = DevCA("xo-s3-lab-ca").write(self.workdir / "pki", str(self.lab.vip4))
