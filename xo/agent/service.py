@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 
 import grpc
 import grpc.aio
@@ -138,10 +138,11 @@ class OffloadService(offload_pb2_grpc.OffloadServicer):
 class _Session:
     """One peer's Session stream on our side: its requests in, our replies out.
 
-    Handoff runs inline (it does not wait on anything; a Ready read after it finds the flow);
-    Ready and End wait on apps, so each runs as a task and replies when done. A Handoff whose
-    reply cannot be written is abandoned at once (the owner keeps the connection), and an End
-    still running when the stream ends sees its deadline passed, like a cancelled unary call.
+    Handoff runs inline (it does not wait on anything; a Ready read after it finds the flow),
+    its reply is written by a task; Ready and End wait on apps, so each runs as a task and
+    replies when done. A Handoff whose reply cannot be written is abandoned at once (the owner
+    keeps the connection), and an End still running when the stream ends sees its deadline
+    passed, like a cancelled unary call.
     """
 
     def __init__(self, service: OffloadService, peer: Peer,
@@ -171,7 +172,6 @@ class _Session:
             return False
 
     async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 msg = await self.context.read()
@@ -179,23 +179,29 @@ class _Session:
                     break
                 body = msg.WhichOneof("body")
                 if body == "handoff":
-                    await self._handoff(msg)
+                    # Handled here, so a Ready read next finds the flow; the reply is sent by
+                    # a task: waiting for the write would hold every later message of the peer.
+                    reply = self.service.handoff(self.peer, msg.handoff,
+                                                 self._deadline(msg.timeout_ms))
+                    self._spawn(self._handoff_reply(msg, reply))
                 elif body in ("ready", "end"):
-                    task = loop.create_task(self._later(msg))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    self._spawn(self._later(msg))
                 else:
                     await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                              f"session message {msg.id}: not a request ({body})")
         finally:
             self.closed = True
 
-    async def _handoff(self, msg: offload_pb2.PeerMessage) -> None:
-        req = msg.handoff
-        reply = self.service.handoff(self.peer, req, self._deadline(msg.timeout_ms))
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)  # a reference until done: the loop keeps only weak ones
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handoff_reply(self, msg: offload_pb2.PeerMessage,
+                             reply: offload_pb2.HandoffReply) -> None:
         sent = await self._write(offload_pb2.PeerMessage(id=msg.id, handoff_reply=reply))
         if reply.accepted and not sent:
-            self.service.target.abandon(self.peer.name, req.handoff_id)
+            self.service.target.abandon(self.peer.name, msg.handoff.handoff_id)
 
     async def _later(self, msg: offload_pb2.PeerMessage) -> None:
         if msg.WhichOneof("body") == "ready":
