@@ -13,6 +13,8 @@ examples:
   xo bench-protocol                      1000 offload + return round trips, one connection
   xo bench-protocol -n 2000              more samples
   xo bench-protocol --parallel 8 -d 10   also 8 connections offloading for 10 s: handoffs/s
+  xo bench-protocol --floor 1000         also the transport floor (xo.agent.floor): one
+                                         unary call vs one session message, f0 -> b0, mTLS
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import argparse
 import http.client
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from xo.agent.labkit import LabAgents
+from xo.agent.labkit import GRPC_PORT, LabAgents
 from xo.httpapp import HTTP_PORT, lab_apps
 from xo.lab import Host, Lab
 
@@ -45,6 +49,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="connections offloading at once for the throughput run")
     parser.add_argument("-d", "--duration", type=float, default=5.0,
                         help="seconds of the throughput run (0: skip it)")
+    parser.add_argument("--floor", type=int, default=0, metavar="N",
+                        help="also N round trips of bare gRPC between f0 and b0 (0: skip)")
 
 
 def pct(values: list[float], p: float) -> float:
@@ -107,6 +113,26 @@ def throughput(lab: Lab, parallel: int, duration: float) -> tuple[int, float]:
     return sum(counts), time.monotonic() - t0
 
 
+def floor(lab: Lab, pki: Path, n: int) -> dict[str, dict[str, float]]:
+    """xo.agent.floor between f0 (client) and b0 (server), next to the agents."""
+    f, b = lab.frontends[0], lab.backends[0]
+    address = f"{b.ip4}:{GRPC_PORT + 1}"
+    module = [sys.executable, "-m", "xo.agent.floor"]
+    server = b.popen([*module, "serve", str(pki), b.name, address], stdout=subprocess.PIPE,
+                     text=True)
+    try:
+        if server.stdout is None or "ready" not in server.stdout.readline():
+            raise RuntimeError("the floor server did not start")
+        out = f.run([*module, "measure", str(pki), f.name, b.name, address, str(n)])
+        result: dict[str, dict[str, float]] = json.loads(out.stdout)
+        return result
+    finally:
+        server.terminate()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+
+
 def run(args: argparse.Namespace) -> int:
     n = args.handoffs
     with Lab(clients=1, frontends=1, backends=1) as lab, \
@@ -137,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
             ret_b = phases(agents.timings_path(b), "give_back", WARMUP)
             ret_f = phases(agents.timings_path(f), "end", WARMUP)
             refused = apps.frontend.stats.refused
+        bare = floor(lab, Path(tmp) / "pki", args.floor) if args.floor else {}
     med = statistics.median(base)
     print(f"# xo bench-protocol: {n} offload + return round trips on one keep-alive "
           f"connection (after {WARMUP} warm-up), refused {refused}")
@@ -166,4 +193,9 @@ def run(args: argparse.Namespace) -> int:
     if secs:
         print(f"parallel: {args.parallel} connections, {done} offload+return round trips in "
               f"{secs:.1f} s = {2 * done / secs:.0f} handoffs/s")
+    if bare:
+        print(f"\n| transport floor, f0 -> b0, nothing else running ({args.floor} round trips) "
+              "| median µs | p99 µs |\n|---|---:|---:|")
+        for name, row in bare.items():
+            print(f"| {name} Handoff round trip | {row['median_us']:.0f} | {row['p99_us']:.0f} |")
     return 0
