@@ -33,6 +33,8 @@ MAX_MESSAGE = 8 * 1024 * 1024
 KEEPALIVE_MS = 2000
 # A peer session stays open while exchanges start at least this often (see PeerSession).
 SESSION_IDLE_S = 0.2
+# ... and carries at most this many unanswered requests; more go as unary calls.
+SESSION_MAX_WAITING = 4
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -132,6 +134,11 @@ class PeerSession:
     @property
     def is_open(self) -> bool:
         return self._call is not None
+
+    @property
+    def waiting(self) -> int:
+        """Requests sent (or queued to be) and not answered yet."""
+        return len(self._pending)
 
     def _touch(self) -> None:
         """A request started or ended: the idle close counts from now."""
@@ -264,12 +271,15 @@ class Channels:
         """Handoff and End start an exchange: on the session if one is open or the previous
         exchange with this peer started less than SESSION_IDLE_S ago (traffic is flowing);
         otherwise unary, so an isolated handoff leaves no stream open. Ready follows its
-        Handoff: on the session only if one is open."""
+        Handoff: on the session only if one is open. A session with SESSION_MAX_WAITING
+        requests unanswered takes no more: one stream is one queue (a Ready would wait behind
+        every Handoff sent before it, HTTP/2 flow control behind their bytes), while unary
+        calls run side by side; 200 concurrent connections timed Readies out without this."""
         if peer.name in self._unary_only:
             return False
         s = self._sessions.get(peer.name)
         if s is not None and s.is_open:
-            return True
+            return s.waiting < SESSION_MAX_WAITING
         if not starts:
             return False
         now = asyncio.get_running_loop().time()
