@@ -213,3 +213,33 @@ def test_a_reply_of_the_wrong_kind_is_an_error(pki: tuple[DevCA, Path]) -> None:
             await ch.handoff(peer, request("w"), timeout=5)
 
     run(pki, wrong, body)
+
+
+def test_a_busy_session_sends_further_exchanges_as_unary_calls(pki: tuple[DevCA, Path]) -> None:
+    release = asyncio.Event()
+    extra = 2
+
+    async def hold(msg: offload_pb2.PeerMessage,
+                   context: grpc.aio.ServicerContext) -> offload_pb2.PeerMessage | None:
+        if not msg.handoff.handoff_id.startswith("warm"):
+            await release.wait()
+        return echo_reply(msg)
+
+    async def body(ch: rpc.Channels, peer: Peer, s: StandIn) -> None:
+        await warm(ch, peer)
+        n = rpc.SESSION_MAX_WAITING + extra
+        calls = [asyncio.ensure_future(ch.handoff(peer, request(f"p-{i}"), timeout=5))
+                 for i in range(n)]
+        done: set[asyncio.Future[offload_pb2.HandoffReply]] = set()
+        async with asyncio.timeout(5):
+            while len(done) < extra:  # the unary ones are answered at once
+                done, _ = await asyncio.wait(calls, return_when=asyncio.FIRST_COMPLETED)
+        assert sorted(f.result().detail for f in done) == [f"unary p-{i}" for i in
+                                                           range(n - extra, n)]
+        release.set()
+        replies = await asyncio.gather(*calls)
+        assert [r.detail for r in replies[: n - extra]] == [f"session p-{i}" for i in
+                                                             range(n - extra)]
+        assert s.messages == 1 + rpc.SESSION_MAX_WAITING  # warm-2, then the capped ones
+
+    run(pki, hold, body)
