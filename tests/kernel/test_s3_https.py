@@ -49,6 +49,8 @@ CLIENT_COUNTERS = ("TcpOutRsts", "TcpEstabResets", "TcpExtTCPAbortOnData",
                    "TcpExtTCPAbortOnClose", "TcpExtTCPAbortOnTimeout")
 LOG_TAIL = 3000
 POLL_S = 0.2
+OFFLOADED = " offloaded to n0 as "
+BACK = r"came back after the node served it|while it was offloaded"
 
 
 @pytest.fixture
@@ -84,6 +86,17 @@ def s3_client(dep: S3Deployment):
     )
 
 
+def settled_log(dep: S3Deployment) -> str:
+    """The gateway's log once every offloaded connection is back (or known closed on the
+    node): the gateway logs that after the client already has its response."""
+    deadline = time.monotonic() + RETURN_TIMEOUT_S
+    while True:
+        text = dep.log("gateway")
+        if len(re.findall(BACK, text)) >= text.count(OFFLOADED) or time.monotonic() > deadline:
+            return text
+        time.sleep(POLL_S)
+
+
 def read_response(f: BinaryIO) -> tuple[int, bytes]:
     """One HTTP/1.1 response with Content-Length from a file over the TLS socket."""
     status = int(f.readline().split()[1])
@@ -108,9 +121,9 @@ def test_https_gets_offloaded_over_ktls(dep: S3Deployment) -> None:
         presigned = s3.generate_presigned_url("get_object", Params={"Bucket": "tls", "Key": "big"})
         for _ in range(WARMUP_GETS):  # until the agents have met (refused: proxied, exact)
             assert s3.get_object(Bucket="tls", Key="big")["Body"].read() == big
-            if "came back after the node served it" in dep.log("gateway"):
+            if "came back after the node served it" in settled_log(dep):
                 break
-    warm_log = dep.log("gateway")
+    warm_log = settled_log(dep)
     assert "came back after the node served it" in warm_log, warm_log[-LOG_TAIL:]
     warm_served = warm_log.count("came back after the node served it")
     warm_refused = len(re.findall(r"offload to b0 (refused|not sent)", warm_log))
@@ -129,7 +142,7 @@ def test_https_gets_offloaded_over_ktls(dep: S3Deployment) -> None:
     offloaded_bytes = len(big) + 1573864 - 1000
     sent_by_f0 = counters(f0, ("IpExtOutOctets",))["IpExtOutOctets"] - out_before
     assert counters(c0, ("TcpActiveOpens",))["TcpActiveOpens"] - opens_before == 1
-    gw_log = dep.log("gateway")
+    gw_log = settled_log(dep)
     assert gw_log.count("came back after the node served it") == warm_served + 2, \
         gw_log[-LOG_TAIL:]
     # proxied, f0 would have sent every object byte (plus TLS overhead) to c0
@@ -148,12 +161,7 @@ def test_https_gets_offloaded_over_ktls(dep: S3Deployment) -> None:
     tls.unwrap()  # sends close_notify and waits for the server's: a clean TLS end
     raw.close()
     assert counters(c0, CLIENT_COUNTERS) == rst_before
-    # the gateway counts that GET once the connection is back, or known closed on the node
-    deadline = time.monotonic() + RETURN_TIMEOUT_S
-    while time.monotonic() < deadline and len(re.findall(
-            r"came back after the node served it|while it was offloaded",
-            dep.log("gateway"))) < warm_served + 3:
-        time.sleep(POLL_S)
+    assert len(re.findall(BACK, settled_log(dep))) == warm_served + 3  # counted: back or closed
 
     dep.stop_gateway()  # its counters go to its log on the way out
     gw_log = dep.log("gateway")
