@@ -126,26 +126,26 @@ async def warm(ch: rpc.Channels, peer: Peer) -> None:
     await ch.handoff(peer, request("warm-2"), timeout=5)
 
 
-def test_replies_in_any_order_reach_their_requests(pki: tuple[DevCA, Path]) -> None:
+def test_a_late_reply_is_not_taken_for_the_next_request(pki: tuple[DevCA, Path]) -> None:
     held: list[offload_pb2.PeerMessage] = []
 
-    async def reverse(msg: offload_pb2.PeerMessage,
-                      context: grpc.aio.ServicerContext) -> offload_pb2.PeerMessage | None:
-        if msg.handoff.handoff_id.startswith("warm"):
-            return echo_reply(msg)
-        held.append(msg)
-        if len(held) < 2:
-            return None  # answered after the second, below
-        await context.write(echo_reply(held[1]))
-        return echo_reply(held[0])
+    async def late(msg: offload_pb2.PeerMessage,
+                   context: grpc.aio.ServicerContext) -> offload_pb2.PeerMessage | None:
+        if msg.handoff.handoff_id == "late":
+            held.append(msg)
+            return None  # answered with the next request's reply, first
+        if held:
+            await context.write(echo_reply(held.pop()))
+        return echo_reply(msg)
 
     async def body(ch: rpc.Channels, peer: Peer, s: StandIn) -> None:
         await warm(ch, peer)
-        a, b = await asyncio.gather(ch.handoff(peer, request("a"), timeout=5),
-                                    ch.handoff(peer, request("b"), timeout=5))
-        assert (a.detail, b.detail) == ("session a", "session b")
+        with pytest.raises(rpc.RpcFailed):
+            await ch.handoff(peer, request("late"), timeout=0.1)
+        nxt = await ch.handoff(peer, request("next"), timeout=5)
+        assert nxt.detail == "session next" and s.sessions_opened == 1 and not held
 
-    run(pki, reverse, body)
+    run(pki, late, body)
 
 
 def test_a_broken_session_fails_the_waiting_request_and_the_next_opens_anew(
