@@ -1,16 +1,16 @@
 """nginx TLS offload across hosts with the real agents, on Debian's stock kernel (VM tier: kTLS).
 
 The frontend nginx on f0 terminates TLS with `ssl_conf_command Options KTLS`, so after the
-handshake OpenSSL gives both directions to the kernel. With `handoff_freq 2` every second
-request is handed off: the f0 agent captures the TCP and kTLS state (TCP_REPAIR, getsockopt
-SOL_TLS), sends it over mutual-TLS gRPC to the b0/b1 agent, which restores the socket, installs
-kTLS and hands it to a backend nginx with no TLS configuration at all: the kernel encrypts its
-response. The backend gives the connection back, the f0 agent restores it (kTLS again) and f0
-serves the next request itself. The client is an unmodified curl: one TCP connection, one TLS
-session, several URLs. Checked: who served each request (X-Served-By and the access logs), every
-body byte-exact (sha256), zero RST in every namespace (nstat), no worker fd leak, no flow left
-in any agent. TLS 1.3 has no kTLS receive in OpenSSL 3.0: such connections stay on f0, and the
-module logs why, once per connection.
+handshake OpenSSL gives both directions to the kernel. With `handoff_freq 2` the second request
+is handed off: the f0 agent captures the TCP and kTLS state (TCP_REPAIR, getsockopt SOL_TLS),
+sends it over mutual-TLS gRPC to the b0 agent, which restores the socket on b0, installs kTLS
+and hands it to a backend nginx with no TLS configuration at all: the kernel encrypts its
+response. Then the client ends its session (close_notify, FIN) while b0 gives the connection
+back: whichever host holds it then reads the alert and closes quietly. The client is an
+unmodified curl: one TCP connection, one TLS session, several URLs. Checked: who served each
+request (X-Served-By and the access logs), every body byte-exact (sha256), zero RST in every
+namespace (nstat), no worker fd leak, no flow left in any agent. TLS 1.3 has no kTLS receive in
+OpenSSL 3.0: such connections stay on f0, and the module logs why, once per connection.
 """
 
 from __future__ import annotations
@@ -45,11 +45,15 @@ pytestmark = pytest.mark.kernel
 
 HOST = "xo.test"
 TLS_PORT = 443
-# f0, b0, f0, b1, f0 with handoff_freq 2: the connection leaves and comes home twice, and the
-# client closes it at home. A 1 MiB body on a backend and on f0 after a return.
-NAMES = ["64k.bin", "1m.bin", "small.bin", "64k.bin", "1m.bin"]
-PLAN = ["f0", "b0", "f0", "b1", "f0"]
-FRONT_STATUS = ["local", "out", "local", "out", "local"]
+# handoff_freq 2: f0 serves the first request itself (TLS in OpenSSL, then kTLS), the second is
+# handed off to b0 on its kTLS socket. No third request: when b0 gives the connection back,
+# curl's next request is already in b0's kTLS receive queue, which cannot be captured (no
+# TCP_REPAIR peek on kTLS, docs/tls.md): the agent refuses with partial-record and b0 keeps
+# serving (measured in the VM, 2026-11-27), so who serves a third request is a race. The give
+# back itself (kTLS restored on f0) is tested with a client that waits: test_agent_tls.py.
+NAMES = ["64k.bin", "1m.bin"]
+PLAN = ["f0", "b0"]
+FRONT_STATUS = ["local", "out"]
 TLS13_NAMES = ["64k.bin", "1m.bin", "small.bin"]
 TLS12_CIPHERS = [
     "ECDHE-ECDSA-AES128-GCM-SHA256",  # the dev CA issues EC keys
