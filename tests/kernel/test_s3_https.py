@@ -97,6 +97,10 @@ def settled_log(dep: S3Deployment) -> str:
         time.sleep(POLL_S)
 
 
+def diagnose(dep: S3Deployment) -> str:
+    return "\n".join(f"{name} log:\n{dep.log(name)[-LOG_TAIL:]}" for name in ("gateway", "n0"))
+
+
 def read_response(f: BinaryIO) -> tuple[int, bytes]:
     """One HTTP/1.1 response with Content-Length from a file over the TLS socket."""
     status = int(f.readline().split()[1])
@@ -114,13 +118,14 @@ def test_https_gets_offloaded_over_ktls(dep: S3Deployment) -> None:
     c0, f0 = lab.clients[0], lab.frontends[0]
     big, small = os.urandom(3 * MIB + 11), os.urandom(10_000)
     with c0.enter():
-        s3 = s3_client(dep)
-        s3.create_bucket(Bucket="tls")
-        s3.put_object(Bucket="tls", Key="big", Body=big)
-        s3.put_object(Bucket="tls", Key="small", Body=small)
-        presigned = s3.generate_presigned_url("get_object", Params={"Bucket": "tls", "Key": "big"})
+        warm = s3_client(dep)  # kept referenced: its connection must not close mid-test
+        warm.create_bucket(Bucket="tls")
+        warm.put_object(Bucket="tls", Key="big", Body=big)
+        warm.put_object(Bucket="tls", Key="small", Body=small)
+        presigned = warm.generate_presigned_url("get_object",
+                                                Params={"Bucket": "tls", "Key": "big"})
         for _ in range(WARMUP_GETS):  # until the agents have met (refused: proxied, exact)
-            assert s3.get_object(Bucket="tls", Key="big")["Body"].read() == big
+            assert warm.get_object(Bucket="tls", Key="big")["Body"].read() == big
             if "came back after the node served it" in settled_log(dep):
                 break
     warm_log = settled_log(dep)
@@ -147,6 +152,7 @@ def test_https_gets_offloaded_over_ktls(dep: S3Deployment) -> None:
         gw_log[-LOG_TAIL:]
     # proxied, f0 would have sent every object byte (plus TLS overhead) to c0
     assert sent_by_f0 < offloaded_bytes // 4, (sent_by_f0, offloaded_bytes)
+    assert counters(c0, CLIENT_COUNTERS) == rst_before, diagnose(dep)
 
     # close_notify right after an offloaded GET: whoever holds the connection answers it
     url = urlsplit(presigned)
@@ -160,7 +166,7 @@ def test_https_gets_offloaded_over_ktls(dep: S3Deployment) -> None:
         assert read_response(f) == (200, big)
     tls.unwrap()  # sends close_notify and waits for the server's: a clean TLS end
     raw.close()
-    assert counters(c0, CLIENT_COUNTERS) == rst_before
+    assert counters(c0, CLIENT_COUNTERS) == rst_before, diagnose(dep)
     assert len(re.findall(BACK, settled_log(dep))) == warm_served + 3  # counted: back or closed
 
     dep.stop_gateway()  # its counters go to its log on the way out
