@@ -218,7 +218,7 @@ def assert_clean_after(
 
 @pytest.mark.timeout(TEST_TIMEOUT_S)
 @pytest.mark.parametrize("cipher", TLS12_CIPHERS)
-def test_tls12_ktls_connection_moves_to_backends_and_back(env: Env, cipher: str) -> None:
+def test_tls12_ktls_connection_moves_to_a_backend(env: Env, cipher: str) -> None:
     with tls_site(env, f"tls12-{cipher}", "TLSv1.2", cipher) as site:
         before, fds = rsts(env.lab), nx.fd_counts(site)
         served, connects = curl_tls(
