@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -63,15 +64,29 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
+# The scenario wants bytes in flight at the capture: a peer whose window closed just then has
+# none (unacked 0), which is valid but tests less; such a run is checked, then repeated.
+SHAPE_ATTEMPTS = 3
+
+
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("size", ["small", "large"])
 @pytest.mark.parametrize("peer", ["idle", "busy"])
 def test_live_migration(lab: Lab, family: int, size: str, peer: str) -> None:
     plan = Plan(family=family, **PLANS[(size, peer)])  # type: ignore[arg-type]
-    r = run_handover(lab, plan)
-    q = r["captured"]["queues"]
+    shapes: list[dict[str, int]] = []
+    for _ in range(SHAPE_ATTEMPTS):
+        q = _check_handover(run_handover(lab, plan), plan, size)
+        shapes.append(q)
+        if q["unacked"] > 0 and q["unsent"] > 0:
+            break
+    assert q["unacked"] > 0 and q["unsent"] > 0, shapes
+
+
+def _check_handover(r: dict[str, Any], plan: Plan, size: str) -> dict[str, int]:
+    """Every assertion on one handover; returns its captured queue sizes."""
+    q: dict[str, int] = r["captured"]["queues"]
     assert q["recv"] >= MIN_QUEUE[size], q
-    assert q["unacked"] > 0 and q["unsent"] > 0, q
     assert q["unacked"] + q["unsent"] >= MIN_QUEUE[size], q
     # Byte-exact, client -> server: origin's part then target's part is the client's stream.
     c2s = random.Random(C2S_SEED).randbytes(plan.client_sends)
@@ -88,6 +103,7 @@ def test_live_migration(lab: Lab, family: int, size: str, peer: str) -> None:
     # Releasing the captured socket (close in repair mode) moves it ESTABLISHED -> CLOSE
     # without a packet; the kernel counts that one transition as TcpEstabResets on b0.
     assert {k: v for k, v in r["rst"].items() if v} == {"b0:TcpEstabResets": 1}
+    return q
 
 
 def _new_bytes_sent(sock: socket.socket) -> int:
