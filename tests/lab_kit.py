@@ -1,11 +1,12 @@
 """Helpers of the lab tests of every tier that need neither BCC nor agents: reset counters
-read with nstat, a client connection to a frontend, exact reads."""
+read with nstat, a client connection to a frontend, exact reads, HTTP responses."""
 
 from __future__ import annotations
 
 import socket
 import time
 from collections.abc import Callable
+from typing import BinaryIO
 
 from xo.flow import Endpoint
 from xo.lab import Host, Lab
@@ -72,3 +73,14 @@ def recv_exact(
         assert chunk, "peer closed"
         out += chunk
     return out
+
+
+def read_response(f: BinaryIO) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with Content-Length from a socket file: (status, body)."""
+    status = int(f.readline().split()[1])
+    length = 0
+    while (line := f.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status, f.read(length)

@@ -20,12 +20,12 @@ import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import boto3
 import pytest
 from botocore.config import Config
+from lab_kit import read_response
 
 from xo.agent.labkit import LabAgents
 from xo.lab import Host, Lab
@@ -99,17 +99,6 @@ def settled_log(dep: S3Deployment) -> str:
 
 def diagnose(dep: S3Deployment) -> str:
     return "\n".join(f"{name} log:\n{dep.log(name)[-LOG_TAIL:]}" for name in ("gateway", "n0"))
-
-
-def read_response(f: BinaryIO) -> tuple[int, bytes]:
-    """One HTTP/1.1 response with Content-Length from a file over the TLS socket."""
-    status = int(f.readline().split()[1])
-    length = 0
-    while (line := f.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode().partition(":")
-        if name.lower() == "content-length":
-            length = int(value)
-    return status, f.read(length)
 
 
 @pytest.mark.timeout(TEST_TIMEOUT_S)

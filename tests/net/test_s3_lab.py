@@ -15,13 +15,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from lab_kit import read_response
 
 from xo.lab import Host, Lab
 from xo.rgw.labrun import ACCESS_KEY, SECRET_KEY, S3Deployment
@@ -188,17 +189,6 @@ def _payload_bytes_from(pcap: Path, host: Host, port: int) -> int:
     )
 
 
-def _read_response(f: BinaryIO) -> tuple[int, bytes]:
-    """One HTTP/1.1 response with Content-Length from a socket file: (status, body)."""
-    status = int(f.readline().split()[1])
-    length = 0
-    while (line := f.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode().partition(":")
-        if name.lower() == "content-length":
-            length = int(value)
-    return status, f.read(length)
-
-
 def _capture(host: Host, pcap: Path) -> subprocess.Popen[bytes]:
     """tcpdump of every TCP segment on all of host's interfaces, started and capturing.
 
@@ -282,8 +272,8 @@ def test_large_gets_offloaded_to_the_storage_node(tmp_path: Path) -> None:
             sock.sendall(b"".join(
                 f"GET {u.path}?{u.query} HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n".encode()
                 for u in parts))
-            assert _read_response(f) == (200, big)
-            assert _read_response(f) == (200, small)
+            assert read_response(f) == (200, big)
+            assert read_response(f) == (200, small)
         # The holder's agent dies: the handoff fails, f0 keeps the socket and proxies.
         holder = rank([f"n{i}" for i in range(len(lab.backends))], "off", "big")[0]
         agents.kill(lab.backends[int(holder[1:])])
